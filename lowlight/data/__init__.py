@@ -1,0 +1,1 @@
+"""Data: the synthetic face world, illumination ops, real-format readers and grain pipelines."""
