@@ -1,0 +1,16 @@
+r"""iResNet-100 + arcface with Partial FC on the synthetic world (paper B §4.1.3).
+
+Commands:
+  python -m lowlight.main --config=configs/r100_arcface.py --workdir=runs/r100_arcface
+  python -m lowlight.main --config=configs/r100_arcface.py:depth=50 --workdir=runs/r50_arcface
+  python -m lowlight.main --config=configs/r100_arcface.py:smoke --workdir=/tmp/smoke
+
+Arguments: depth = 18 | 34 | 50 | 100 | 200; scale = auto | full | cpu | smoke; smoke.
+At scale=cpu/smoke the backbone is iResNet-18 at 64x64 / 32x32 (same blocks, CPU-sized).
+"""
+
+from lowlight import recipes
+
+
+def get_config(arg=None):
+    return recipes.resnet(arg, loss="arcface")

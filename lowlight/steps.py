@@ -1,0 +1,138 @@
+"""Pure step functions and the train state for recognition training (paper B §3.5–3.8).
+
+Everything here is a module-level function of (state, batch) plus static arguments bound with
+`functools.partial`; `train.py` jits them once with explicit shardings. RNG for a step is
+`fold_in(state.rng, state.step)`, so a resumed run draws the same randomness it would have drawn
+without the interruption.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from lowlight.data.normalize import MEAN, STD
+from lowlight.losses import ADAFACE_INIT_STATS, margin_fn
+from lowlight.losses import partial_fc as pfc
+
+
+@flax.struct.dataclass
+class TrainState:
+    """The whole mutable training state (a pytree; what checkpoints hold).
+
+    params: {"backbone": backbone params, "centers": (C, D) Partial FC class centres}.
+    extras: task extras, e.g. {"adaface_stats": (mean, std)} (AdaFace's feature-norm EMA).
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    extras: Any
+    rng: jax.Array
+
+
+def init_variables(rng, *, model, num_classes: int, embed_dim: int, image_size: int):
+    """(params, batch_stats) of backbone + Partial FC centres."""
+    k_model, k_centers = jax.random.split(rng)
+    x = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+    variables = model.init({"params": k_model, "dropout": k_model}, x, train=False)
+    params = {"backbone": variables["params"],
+              "centers": pfc.init_centers(k_centers, num_classes, embed_dim)}
+    return params, variables.get("batch_stats", {})
+
+
+def init_state(rng, *, model, tx, num_classes: int, embed_dim: int, image_size: int,
+               loss_name: str) -> TrainState:
+    """Initial state. Call under `jax.eval_shape` first (shapes), then jit with out_shardings."""
+    k_vars, k_state = jax.random.split(rng)
+    params, batch_stats = init_variables(k_vars, model=model, num_classes=num_classes,
+                                         embed_dim=embed_dim, image_size=image_size)
+    extras = {}
+    if loss_name == "adaface":
+        extras["adaface_stats"] = tuple(jnp.asarray(v, jnp.float32) for v in ADAFACE_INIT_STATS)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params), extras=extras, rng=k_state)
+
+
+def images_to_input(images_uint8, key=None, augment=None):
+    """uint8 NHWC -> model input in [-1, 1], with on-device photometric augmentation if asked.
+
+    Augmentation (paper B §3.2: brightness, contrast, gamma, colour temperature) runs here, inside
+    the jitted step, so it costs device time, not Python time.
+    """
+    x = images_uint8.astype(jnp.float32) / 255.0
+    if augment is not None and augment.get("enabled", False):
+        from lowlight.data.illumination_jax import photometric_augment
+
+        opts = {k: (tuple(v) if isinstance(v, list) else v)
+                for k, v in augment.items() if k != "enabled"}
+        x = photometric_augment(key, x, **opts)
+    return (x - MEAN) / STD
+
+
+def train_step(state: TrainState, batch, *, model, tx, sched, loss_cfg, pfc_cfg, augment,
+               mesh=None):
+    """One optimisation step of backbone + margin-softmax head with Partial FC.
+
+    Returns (new_state, metrics) where metrics are scalars (replicated jax arrays).
+    """
+    rng = jax.random.fold_in(state.rng, state.step)
+    k_aug, k_drop, k_pfc = jax.random.split(rng, 3)
+    x = images_to_input(batch["image"], k_aug, augment)
+    labels = batch["label"].astype(jnp.int32)
+    adaface_stats = state.extras.get("adaface_stats")
+
+    def loss_fn(params):
+        (emb, aux), new_vars = model.apply(
+            {"params": params["backbone"], "batch_stats": state.batch_stats}, x, train=True,
+            mutable=["batch_stats"], rngs={"dropout": k_drop})
+        norms = aux["norm"]
+        mfn = margin_fn(loss_cfg, norms=norms, stats=adaface_stats)
+        loss, pfc_aux = pfc.partial_fc_loss(
+            emb, labels, params["centers"], key=k_pfc, sample_rate=pfc_cfg.sample_rate,
+            margin_fn=mfn, mesh=mesh, class_axes=tuple(pfc_cfg.class_axes))
+        margin_aux = pfc_aux.get("margin_aux", {}) or {}
+        total = loss
+        if loss_cfg.name == "magface":
+            g_loss = jnp.mean(margin_aux["g"])
+            total = loss + loss_cfg.lambda_g * g_loss
+        return total, (loss, new_vars.get("batch_stats", {}), pfc_aux, norms)
+
+    grads, (ce, new_bs, pfc_aux, norms) = jax.grad(loss_fn, has_aux=True)(state.params)
+    total = ce
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    extras = dict(state.extras)
+    margin_aux = pfc_aux.get("margin_aux", {}) or {}
+    if "stats" in margin_aux:
+        extras["adaface_stats"] = tuple(jnp.asarray(v, jnp.float32) for v in margin_aux["stats"])
+    metrics = {
+        "loss": total,
+        "acc": pfc_aux["accuracy"],
+        "norm_mean": jnp.mean(norms),
+        "grad_norm": optax.global_norm(grads),
+        "lr": sched(state.step),
+        "dropped_positives": jnp.asarray(pfc_aux.get("dropped_positives", 0), jnp.float32),
+    }
+    if "g" in margin_aux:
+        metrics["magface_g"] = jnp.mean(margin_aux["g"])
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_bs,
+                              opt_state=opt_state, extras=extras)
+    return new_state, metrics
+
+
+def embed_step(params, batch_stats, images_uint8, *, model, flip: bool = True):
+    """Unit-norm embeddings (B, D) of uint8 faces; flip=True sums image + mirror (insightface)."""
+    x = images_to_input(images_uint8)
+    variables = {"params": params, "batch_stats": batch_stats}
+    emb, _ = model.apply(variables, x, train=False)
+    if flip:
+        emb_f, _ = model.apply(variables, x[:, :, ::-1, :], train=False)
+        emb = emb + emb_f
+    emb = emb.astype(jnp.float32)
+    return emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
