@@ -29,7 +29,7 @@ TASKS: dict[str, str] = {
 # "different config" (they steer the process, not the experiment).
 RESUMABLE_KEYS = frozenset({
     "resume", "total_steps", "log_every", "eval_every", "ckpt_every", "progress", "num_workers",
-    "evals", "keep_ckpts",
+    "evals", "keep_ckpts", "num_devices", "eval_batch_size", "stop_after",
 })
 
 
@@ -145,6 +145,8 @@ def validate(config, num_devices: int | None = None) -> None:
         from lowlight.losses import LOSSES
 
         choice("loss (config.loss.name)", config.loss.name, LOSSES)
+    if num_devices and config.get("num_devices", 0):
+        num_devices = config.num_devices
     if num_devices and "batch_size" in config:
         if config.batch_size % num_devices:
             raise ConfigError(

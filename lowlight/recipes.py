@@ -56,6 +56,7 @@ def recognition(*, model: str, loss: str, scale: str, optimizer: str = "sgd",
     # training protocol"; centres split over every device like arcface_torch.
     c.partial_fc = dict(sample_rate=0.3, class_axes=("data", "model"))
     c.model_parallel = 1
+    c.num_devices = 0   # 0 = all visible devices; N = the first N (tests, debugging)
 
     if optimizer == "sgd":  # paper B §4.1.3
         c.optim = dict(name="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine",
@@ -69,6 +70,8 @@ def recognition(*, model: str, loss: str, scale: str, optimizer: str = "sgd",
     c.augment = dict(enabled=True)
     c.batch_size = 512
     c.total_steps = 20_000
+    c.stop_after = 0    # stop (with a checkpoint) at this step; 0 = at total_steps. The schedule
+                        # still spans total_steps, so the run resumes exactly where it stopped.
     c.log_every = 50
     c.eval_every = 2000
     c.ckpt_every = 2000

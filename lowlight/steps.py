@@ -36,22 +36,25 @@ class TrainState:
     rng: jax.Array
 
 
-def init_variables(rng, *, model, num_classes: int, embed_dim: int, image_size: int):
-    """(params, batch_stats) of backbone + Partial FC centres."""
+def init_variables(rng, *, model, num_classes: int, embed_dim: int, image_size: int,
+                   class_multiple: int = 1):
+    """(params, batch_stats) of backbone + Partial FC centres (rows padded to class_multiple)."""
     k_model, k_centers = jax.random.split(rng)
     x = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
     variables = model.init({"params": k_model, "dropout": k_model}, x, train=False)
     params = {"backbone": variables["params"],
-              "centers": pfc.init_centers(k_centers, num_classes, embed_dim)}
+              "centers": pfc.init_centers(k_centers, num_classes, embed_dim,
+                                         multiple_of=class_multiple)}
     return params, variables.get("batch_stats", {})
 
 
 def init_state(rng, *, model, tx, num_classes: int, embed_dim: int, image_size: int,
-               loss_name: str) -> TrainState:
+               loss_name: str, class_multiple: int = 1) -> TrainState:
     """Initial state. Call under `jax.eval_shape` first (shapes), then jit with out_shardings."""
     k_vars, k_state = jax.random.split(rng)
     params, batch_stats = init_variables(k_vars, model=model, num_classes=num_classes,
-                                         embed_dim=embed_dim, image_size=image_size)
+                                         embed_dim=embed_dim, image_size=image_size,
+                                         class_multiple=class_multiple)
     extras = {}
     if loss_name == "adaface":
         extras["adaface_stats"] = tuple(jnp.asarray(v, jnp.float32) for v in ADAFACE_INIT_STATS)
@@ -76,7 +79,7 @@ def images_to_input(images_uint8, key=None, augment=None):
 
 
 def train_step(state: TrainState, batch, *, model, tx, sched, loss_cfg, pfc_cfg, augment,
-               mesh=None):
+               num_classes: int, mesh=None):
     """One optimisation step of backbone + margin-softmax head with Partial FC.
 
     Returns (new_state, metrics) where metrics are scalars (replicated jax arrays).
@@ -95,7 +98,8 @@ def train_step(state: TrainState, batch, *, model, tx, sched, loss_cfg, pfc_cfg,
         mfn = margin_fn(loss_cfg, norms=norms, stats=adaface_stats)
         loss, pfc_aux = pfc.partial_fc_loss(
             emb, labels, params["centers"], key=k_pfc, sample_rate=pfc_cfg.sample_rate,
-            margin_fn=mfn, mesh=mesh, class_axes=tuple(pfc_cfg.class_axes))
+            margin_fn=mfn, mesh=mesh, class_axes=tuple(pfc_cfg.class_axes),
+            num_classes=num_classes)
         margin_aux = pfc_aux.get("margin_aux", {}) or {}
         total = loss
         if loss_cfg.name == "magface":
@@ -115,7 +119,7 @@ def train_step(state: TrainState, batch, *, model, tx, sched, loss_cfg, pfc_cfg,
         "loss": total,
         "acc": pfc_aux["accuracy"],
         "norm_mean": jnp.mean(norms),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "lr": sched(state.step),
         "dropped_positives": jnp.asarray(pfc_aux.get("dropped_positives", 0), jnp.float32),
     }

@@ -21,6 +21,7 @@ from lowlight import checkpoint as ckpt_lib
 from lowlight import models, optim, parallel, steps
 from lowlight.data import pipeline
 from lowlight.eval import evaluators as eval_lib
+from lowlight.losses import partial_fc as pfc
 from lowlight.metric_writer import MetricWriter
 
 
@@ -48,7 +49,7 @@ class _Preemption:
 
 def state_shardings(abstract_state, mesh, class_axes):
     """Partial FC centres (and their optimizer slots) split over `class_axes`; rest replicated."""
-    centers_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(tuple(class_axes)))
+    centers_sh = pfc.centers_sharding(mesh, class_axes)
     rep = parallel.replicated(mesh)
     c_shape = abstract_state.params["centers"].shape
 
@@ -61,12 +62,19 @@ def state_shardings(abstract_state, mesh, class_axes):
     return jax.tree_util.tree_map_with_path(rule, abstract_state)
 
 
-def setup(config):
+def class_multiple(mesh, class_axes) -> int:
+    """Rows of the centre matrix are padded to a multiple of lcm(class shards, 128), so a
+    checkpoint restores on any device count that divides 128 (8 GPUs → 4, 1, 64, ...)."""
+    return math.lcm(pfc.num_class_shards(mesh, class_axes), 128)
+
+
+def setup(config, mesh):
     """Model, optimizer, schedule, init function and the abstract state (shapes only)."""
     model = models.create(config.model.name, **dict(config.model.get("kwargs", {}) or {}))
     dims = dict(model=model, num_classes=config.data.num_identities,
                 embed_dim=config.model.get("kwargs", {}).get("embed_dim", 512),
-                image_size=config.data.size)
+                image_size=config.data.size,
+                class_multiple=class_multiple(mesh, tuple(config.partial_fc.class_axes)))
     # Shapes first: the optimizer's masks need the parameter tree, not its values.
     abstract_params = jax.eval_shape(
         lambda k: steps.init_variables(k, **dims)[0], jax.random.key(0))
@@ -106,10 +114,11 @@ def _restore_or_init(config, workdir, init, abstract, shardings, data_iter):
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains a face-embedding model as `config` says; returns the last logged metrics."""
     # ----------------------------------------------------------------- setup
-    mesh = parallel.make_mesh(config.get("model_parallel", 1))
+    n_dev = config.get("num_devices", 0) or jax.device_count()
+    mesh = parallel.make_mesh(config.get("model_parallel", 1), devices=jax.devices()[:n_dev])
     class_axes = tuple(config.partial_fc.class_axes)
     source = pipeline.make_source(config.data)
-    model, tx, sched, init, abstract = setup(config)
+    model, tx, sched, init, abstract = setup(config, mesh)
     shardings = state_shardings(abstract, mesh, class_axes)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params["backbone"]))
     logging.info("model %s: %s backbone params; %d classes x %d-d centres; mesh %s",
@@ -126,7 +135,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     step_fn = jax.jit(
         functools.partial(steps.train_step, model=model, tx=tx, sched=sched,
                           loss_cfg=config.loss, pfc_cfg=config.partial_fc,
-                          augment=config.get("augment"), mesh=mesh),
+                          augment=config.get("augment"), mesh=mesh,
+                          num_classes=config.data.num_identities),
         in_shardings=(shardings, parallel.batch_sharding(mesh)),
         out_shardings=(shardings, parallel.replicated(mesh)),
         donate_argnums=0)
@@ -141,6 +151,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     # ----------------------------------------------------------------- loop
     total = config.total_steps
+    stop = min(total, config.get("stop_after", 0) or total)
     preempt = _Preemption()
     last = {}
     progress = None
@@ -150,13 +161,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
         progress = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
     t0, n0 = time.time(), start
     try:
-        for step in range(start, total):
+        for step in range(start, stop):
             batch = parallel.global_batch(next(data_iter), mesh)
             state, metrics = step_fn(state, batch)
             done = step + 1
             if progress is not None:
                 progress.update(1)
-            if done % config.log_every == 0 or done == total or preempt.requested:
+            if done % config.log_every == 0 or done == stop or preempt.requested:
                 m = jax.device_get(metrics)
                 if not np.isfinite(m["loss"]):
                     raise FloatingPointError(
@@ -173,12 +184,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     progress.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['acc']:.3f}",
                                          img_s=f"{rate:.0f}")
             eval_metrics = None
-            if evaluators and (done % config.eval_every == 0 or done == total):
+            if evaluators and (done % config.eval_every == 0 or done == stop):
                 eval_metrics = run_evals(state)
                 last.update(writer.write(done, eval_metrics))
                 logging.info("step %d: %s", done, {k: round(float(v), 4)
                                                    for k, v in eval_metrics.items()})
-            force = done == total or preempt.requested
+            force = done == stop or preempt.requested
             ckpt.save(done, state, data_iter, metrics=eval_metrics, force=force)
             if preempt.requested or ckpt.reached_preemption(done):
                 if not force:
