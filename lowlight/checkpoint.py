@@ -125,3 +125,28 @@ def find_checkpoint_dir(path: str) -> str:
     if os.path.isdir(path):
         return path
     raise FileNotFoundError(f"no checkpoints at {path!r} (expected a workdir or its checkpoints/)")
+
+
+def load_weights(path: str, step: int | None = None) -> tuple[Any, Any, int]:
+    """(params, batch_stats, step) of another run's checkpoint, as host numpy trees.
+
+    `path` is a run workdir or its checkpoints/ folder. Used to start a module from its own
+    pretrained run (a relighting net or U-Net inside recognition training, paper B §3.9) without
+    knowing that run's optimizer: the state is read without a target and only its weights kept.
+    """
+    directory = find_checkpoint_dir(path)
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        read_only=True, create=False))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    state = restored["state"]
+    get = (lambda k: state[k]) if isinstance(state, dict) else (lambda k: getattr(state, k))
+    try:
+        params, batch_stats = get("params"), get("batch_stats")
+    except (KeyError, AttributeError):
+        raise ValueError(f"checkpoint {directory}/{step} has no params/batch_stats") from None
+    to_np = lambda t: jax.tree.map(lambda x: jax.device_get(x), t)
+    manager.close()
+    return to_np(params), to_np(batch_stats or {}), step

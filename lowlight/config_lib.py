@@ -23,13 +23,15 @@ class ConfigError(ValueError):
 # a task's heavy dependencies load only when it runs.
 TASKS: dict[str, str] = {
     "recognition": "lowlight.train:train_and_evaluate",
+    "relight": "lowlight.train_supervised:train_and_evaluate",
+    "skin_seg": "lowlight.train_supervised:train_and_evaluate",
 }
 
 # Config keys that may differ between a run and its resumption without counting as a
 # "different config" (they steer the process, not the experiment).
 RESUMABLE_KEYS = frozenset({
     "resume", "total_steps", "log_every", "eval_every", "ckpt_every", "progress", "num_workers",
-    "evals", "keep_ckpts", "num_devices", "eval_batch_size", "stop_after",
+    "evals", "keep_ckpts", "best_metric", "num_devices", "eval_batch_size", "stop_after",
 })
 
 

@@ -33,6 +33,20 @@ def _want_distributed(mode: str) -> bool:
     return slurm_multi or "JAX_COORDINATOR_ADDRESS" in env or "COORDINATOR_ADDRESS" in env
 
 
+class _QuietLibraries:
+    """Drops INFO chatter of orbax / grain (dozens of lines per checkpoint) from the console;
+    their warnings and errors still show. `--verbosity=1` shows everything."""
+
+    NOISY = ("/orbax/", "/grain/", "/etils/")
+
+    def filter(self, record) -> bool:
+        import logging as py_logging
+
+        if record.levelno >= py_logging.WARNING:
+            return True
+        return not any(n in record.pathname for n in self.NOISY)
+
+
 def run(config, workdir: str):
     """Validates `config`, records it in `workdir` and runs its task. Returns the task's result."""
     import jax
@@ -56,6 +70,8 @@ def main(argv):
 
     from lowlight import config_lib
 
+    if logging.get_verbosity() <= logging.INFO:
+        logging.get_absl_logger().addFilter(_QuietLibraries())
     if _want_distributed(_DISTRIBUTED.value):
         kwargs = {}
         if "JAX_NUM_PROCESSES" in os.environ:  # explicit (launch/local_multiprocess.sh)

@@ -55,6 +55,18 @@ def recognition(*, model: str, loss: str, scale: str, optimizer: str = "sgd",
     # Partial FC, paper B §4.1.3: sampling rate 0.3 "in accordance with the official insightface
     # training protocol"; centres split over every device like arcface_torch.
     c.partial_fc = dict(sample_rate=0.3, class_axes=("data", "model"))
+    # Paper B's illumination modules (§3.2–3.9), all off in the baseline. relight: the neural
+    # relighting net, at inference (eval) and optionally in training; mask: the skin-mask source
+    # (none | segmenter | ycbcr) with its model (unet | seg_cnn3), the iResNet stage it modulates
+    # (F' = a*M*F + (1-a)*F, a init 0.7) or, for ViTs, per-patch token scaling; attention: SE or
+    # CBAM on the same stage instead (paper B Table 8). init_from: the pretrained module's run;
+    # freeze_steps: steps it stays frozen before joint fine-tuning (§3.9).
+    c.modules = dict(
+        relight=dict(enabled=False, init_from="", train=False, eval=True, freeze_steps=0,
+                     kwargs={}),
+        mask=dict(source="none", model="unet", init_from="", freeze_steps=0, stage=1,
+                  alpha_init=0.7, attention="none", kwargs={}),
+    )
     c.model_parallel = 1
     c.num_devices = 0   # 0 = all visible devices; N = the first N (tests, debugging)
 
@@ -134,4 +146,49 @@ def resnet(arg, *, loss: str) -> ml_collections.ConfigDict:
         c.optim.lr = 0.05
         c.optim.warmup_steps = 100
         c.optim.clip_norm = 5.0
+    return c
+
+
+def supervised(task: str, *, model: str, scale: str, model_kwargs: dict | None = None,
+               cpu_model_kwargs: dict | None = None) -> ml_collections.ConfigDict:
+    """Config of a single-model supervised task (relight, skin_seg) on the synthetic world.
+
+    Adam(W) with cosine decay; the eval set is held-out people (another world seed) rendered
+    under every lighting condition, scored per condition against the classic baselines.
+    """
+    scale = resolve_scale(scale)
+    small = scale == "smoke"
+    cpu = scale in ("cpu", "smoke")
+    c = ml_collections.ConfigDict()
+    c.task = task
+    c.scale = scale
+    c.seed = 0
+    c.resume = ""
+    c.init_from = ""
+    c.num_devices = 0
+    size = 32 if small else 64 if cpu else 112
+    c.data = dict(name="synth", seed=0, num_identities=5000 if not cpu else 400,
+                  images_per_identity=10 if not cpu else 8, size=size, synth={})
+    kwargs = dict(model_kwargs or {})
+    if cpu:
+        kwargs.update(cpu_model_kwargs or {})
+    c.model = dict(name=model, kwargs=kwargs)
+    c.optim = dict(name="adamw", lr=1e-3, weight_decay=1e-4, b1=0.9, b2=0.999, eps=1e-8,
+                   schedule="cosine", warmup_steps=0 if small else 100, clip_norm=1.0,
+                   wd_exclude=(r"(bias|scale)$",), freeze=())
+    c.task_cfg = {}
+    c.batch_size = 8 if small else 32 if cpu else 128
+    c.total_steps = 3 if small else 600 if cpu else 20_000
+    c.stop_after = 0
+    c.log_every = 1 if small else 20 if cpu else 100
+    c.eval_every = 3 if small else 300 if cpu else 2000
+    c.ckpt_every = 3 if small else 300 if cpu else 2000
+    c.keep_ckpts = 2
+    c.best_metric = ""
+    c.best_mode = "max"
+    c.num_workers = 0
+    c.progress = True
+    c.evals = {"synth_val": dict(seed=10_001, num_identities=16 if small else 60,
+                                 images_per_identity=4 if small else 7, size=size,
+                                 num_images=64 if small else 420)}
     return c

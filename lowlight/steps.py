@@ -38,14 +38,13 @@ class TrainState:
 
 def init_variables(rng, *, model, num_classes: int, embed_dim: int, image_size: int,
                    class_multiple: int = 1):
-    """(params, batch_stats) of backbone + Partial FC centres (rows padded to class_multiple)."""
+    """(params, batch_stats): the FaceEmbedder's parts + Partial FC centres (rows padded)."""
     k_model, k_centers = jax.random.split(rng)
     x = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
-    variables = model.init({"params": k_model, "dropout": k_model}, x, train=False)
-    params = {"backbone": variables["params"],
-              "centers": pfc.init_centers(k_centers, num_classes, embed_dim,
-                                         multiple_of=class_multiple)}
-    return params, variables.get("batch_stats", {})
+    params, batch_stats = model.init(k_model, x)
+    params["centers"] = pfc.init_centers(k_centers, num_classes, embed_dim,
+                                         multiple_of=class_multiple)
+    return params, batch_stats
 
 
 def init_state(rng, *, model, tx, num_classes: int, embed_dim: int, image_size: int,
@@ -78,10 +77,17 @@ def images_to_input(images_uint8, key=None, augment=None):
     return (x - MEAN) / STD
 
 
-def train_step(state: TrainState, batch, *, model, tx, sched, loss_cfg, pfc_cfg, augment,
-               num_classes: int, mesh=None):
-    """One optimisation step of backbone + margin-softmax head with Partial FC.
+def _frozen_parts(params, step, freeze_steps):
+    """Subtree names whose updates are zeroed at `step` (pretrained parts, paper B §3.9)."""
+    return {name: step < n for name, n in (freeze_steps or {}).items() if name in params}
 
+
+def train_step(state: TrainState, batch, *, model, tx, sched, loss_cfg, pfc_cfg, augment,
+               num_classes: int, freeze_steps=None, mesh=None):
+    """One optimisation step of [relight → mask →] backbone + margin head with Partial FC.
+
+    `model` is a `FaceEmbedder`; `freeze_steps` {"relight": N, "segmenter": M} keeps those
+    pretrained parts fixed (zero update, optimizer state untouched) for their first N / M steps.
     Returns (new_state, metrics) where metrics are scalars (replicated jax arrays).
     """
     rng = jax.random.fold_in(state.rng, state.step)
@@ -91,9 +97,8 @@ def train_step(state: TrainState, batch, *, model, tx, sched, loss_cfg, pfc_cfg,
     adaface_stats = state.extras.get("adaface_stats")
 
     def loss_fn(params):
-        (emb, aux), new_vars = model.apply(
-            {"params": params["backbone"], "batch_stats": state.batch_stats}, x, train=True,
-            mutable=["batch_stats"], rngs={"dropout": k_drop})
+        emb, aux, new_bs = model.apply(params, state.batch_stats, x, train=True,
+                                       rngs={"dropout": k_drop})
         norms = aux["norm"]
         mfn = margin_fn(loss_cfg, norms=norms, stats=adaface_stats)
         loss, pfc_aux = pfc.partial_fc_loss(
@@ -103,20 +108,25 @@ def train_step(state: TrainState, batch, *, model, tx, sched, loss_cfg, pfc_cfg,
         margin_aux = pfc_aux.get("margin_aux", {}) or {}
         total = loss
         if loss_cfg.name == "magface":
-            g_loss = jnp.mean(margin_aux["g"])
-            total = loss + loss_cfg.lambda_g * g_loss
-        return total, (loss, new_vars.get("batch_stats", {}), pfc_aux, norms)
+            total = loss + loss_cfg.lambda_g * jnp.mean(margin_aux["g"])
+        return total, (loss, new_bs, pfc_aux, norms)
 
     grads, (ce, new_bs, pfc_aux, norms) = jax.grad(loss_fn, has_aux=True)(state.params)
-    total = ce
+    frozen = _frozen_parts(state.params, state.step, freeze_steps)
+    for name, is_frozen in frozen.items():
+        grads[name] = jax.tree.map(lambda g, f=is_frozen: jnp.where(f, 0.0, g), grads[name])
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    for name, is_frozen in frozen.items():
+        updates[name] = jax.tree.map(lambda u, f=is_frozen: jnp.where(f, 0.0, u), updates[name])
+        # keep the optimizer's slots for a frozen part as they were (no decay/momentum drift)
+        opt_state = _select_subtree(opt_state, state.opt_state, name, is_frozen)
     params = optax.apply_updates(state.params, updates)
     extras = dict(state.extras)
     margin_aux = pfc_aux.get("margin_aux", {}) or {}
     if "stats" in margin_aux:
         extras["adaface_stats"] = tuple(jnp.asarray(v, jnp.float32) for v in margin_aux["stats"])
     metrics = {
-        "loss": total,
+        "loss": ce,
         "acc": pfc_aux["accuracy"],
         "norm_mean": jnp.mean(norms),
         "grad_norm": optax.tree.norm(grads),
@@ -125,18 +135,34 @@ def train_step(state: TrainState, batch, *, model, tx, sched, loss_cfg, pfc_cfg,
     }
     if "g" in margin_aux:
         metrics["magface_g"] = jnp.mean(margin_aux["g"])
+    backbone_params = params["backbone"]
+    for path, leaf in jax.tree_util.tree_leaves_with_path(backbone_params):
+        if getattr(path[-1], "key", None) == "alpha":  # mask-modulation α (paper B eq. 2)
+            metrics["mask_alpha"] = jnp.mean(leaf)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_bs,
                               opt_state=opt_state, extras=extras)
     return new_state, metrics
 
 
+def _select_subtree(new_opt_state, old_opt_state, name, keep_old):
+    """In optimizer state pytrees, leaves under a dict key `name` come from the old state when
+    `keep_old` is true (optax states mirror the params tree, so the key appears there too)."""
+
+    def pick(path, new, old):
+        if any(getattr(k, "key", None) == name for k in path):
+            return jnp.where(keep_old, old, new)
+        return new
+
+    return jax.tree_util.tree_map_with_path(pick, new_opt_state, old_opt_state)
+
+
 def embed_step(params, batch_stats, images_uint8, *, model, flip: bool = True):
-    """Unit-norm embeddings (B, D) of uint8 faces; flip=True sums image + mirror (insightface)."""
+    """Unit-norm embeddings (B, D) of uint8 faces through the whole FaceEmbedder (relight and
+    mask included when configured); flip=True sums image + mirror embeddings (insightface)."""
     x = images_to_input(images_uint8)
-    variables = {"params": params, "batch_stats": batch_stats}
-    emb, _ = model.apply(variables, x, train=False)
+    emb, _, _ = model.apply(params, batch_stats, x, train=False)
     if flip:
-        emb_f, _ = model.apply(variables, x[:, :, ::-1, :], train=False)
+        emb_f, _, _ = model.apply(params, batch_stats, x[:, :, ::-1, :], train=False)
         emb = emb + emb_f
     emb = emb.astype(jnp.float32)
     return emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)

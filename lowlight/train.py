@@ -9,42 +9,17 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import signal
-import time
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 from absl import logging
 
 from lowlight import checkpoint as ckpt_lib
-from lowlight import models, optim, parallel, steps
+from lowlight import loop, models, optim, parallel, steps
 from lowlight.data import pipeline
 from lowlight.eval import evaluators as eval_lib
 from lowlight.losses import partial_fc as pfc
-from lowlight.metric_writer import MetricWriter
-
-
-class _Preemption:
-    """SIGTERM/SIGUSR1 (SLURM's pre-kill signals) → save a checkpoint at the next step and exit."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. notebooks): rely on orbax's detection
-                pass
-
-    def _handle(self, signum, frame):
-        del frame
-        logging.warning("signal %d received: checkpointing and stopping", signum)
-        self.requested = True
-
-    def restore(self):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+from lowlight.models.face_embedder import FaceEmbedder
 
 
 def state_shardings(abstract_state, mesh, class_axes):
@@ -68,9 +43,69 @@ def class_multiple(mesh, class_axes) -> int:
     return math.lcm(pfc.num_class_shards(mesh, class_axes), 128)
 
 
+def build_model(config) -> FaceEmbedder:
+    """The recognition forward of `config`: backbone + the enabled paper-B modules."""
+    mods = config.get("modules", {}) or {}
+    kwargs = dict(config.model.get("kwargs", {}) or {})
+    mask_cfg = mods.get("mask", {}) or {}
+    source = mask_cfg.get("source", "none")
+    attention = mask_cfg.get("attention", "none")
+    is_vit = config.model.name.startswith("vit")
+    if source != "none" and not is_vit:
+        kwargs.setdefault("mask_stage", mask_cfg.get("stage", 1))
+        kwargs.setdefault("mask_alpha_init", mask_cfg.get("alpha_init", 0.7))
+    if attention != "none":
+        if is_vit:
+            raise ValueError("modules.mask.attention (SE/CBAM) applies to iResNet backbones only")
+        kwargs.setdefault("attention", attention)
+        kwargs.setdefault("attention_stage", mask_cfg.get("stage", 1))
+    backbone = models.create(config.model.name, **kwargs)
+    relight = segmenter = None
+    rcfg = mods.get("relight", {}) or {}
+    if rcfg.get("enabled", False):
+        relight = models.create("relight", **dict(rcfg.get("kwargs", {}) or {}))
+    if source == "segmenter":
+        segmenter = models.create(mask_cfg.get("model", "unet"),
+                                  **dict(mask_cfg.get("kwargs", {}) or {}))
+    return FaceEmbedder(backbone, relight=relight, segmenter=segmenter, mask_source=source,
+                        relight_train=rcfg.get("train", False), relight_eval=rcfg.get("eval", True))
+
+
+def freeze_steps(config) -> dict:
+    """{"relight": N, "segmenter": M}: pretrained parts stay fixed for their first N / M steps."""
+    mods = config.get("modules", {}) or {}
+    out = {}
+    if (mods.get("relight", {}) or {}).get("enabled", False):
+        out["relight"] = int(mods.relight.get("freeze_steps", 0))
+    if (mods.get("mask", {}) or {}).get("source", "none") == "segmenter":
+        out["segmenter"] = int(mods.mask.get("freeze_steps", 0))
+    return out
+
+
+def load_pretrained_modules(config, state):
+    """Puts the weights of the configured pretrained runs into the relight/segmenter subtrees."""
+    mods = config.get("modules", {}) or {}
+    sources = {"relight": (mods.get("relight", {}) or {}).get("init_from", ""),
+               "segmenter": (mods.get("mask", {}) or {}).get("init_from", "")}
+    params, stats = dict(state.params), dict(state.batch_stats)
+    for name, path in sources.items():
+        if not path or name not in params:
+            continue
+        p, bs, step = ckpt_lib.load_weights(path)
+        want = jax.tree.structure(params[name])
+        if jax.tree.structure(p) != want:
+            raise ValueError(f"modules: checkpoint {path!r} (step {step}) does not fit the "
+                             f"configured {name} model (different architecture or kwargs)")
+        put = lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding)
+        params[name] = jax.tree.map(put, p, params[name])
+        stats[name] = jax.tree.map(put, bs, stats[name]) if stats.get(name) else stats.get(name)
+        logging.info("modules: %s initialised from %s (step %d)", name, path, step)
+    return state.replace(params=params, batch_stats=stats)
+
+
 def setup(config, mesh):
     """Model, optimizer, schedule, init function and the abstract state (shapes only)."""
-    model = models.create(config.model.name, **dict(config.model.get("kwargs", {}) or {}))
+    model = build_model(config)
     dims = dict(model=model, num_classes=config.data.num_identities,
                 embed_dim=config.model.get("kwargs", {}).get("embed_dim", 512),
                 image_size=config.data.size,
@@ -82,33 +117,6 @@ def setup(config, mesh):
     init = functools.partial(steps.init_state, tx=tx, loss_name=config.loss.name, **dims)
     abstract = jax.eval_shape(init, jax.random.key(config.seed))
     return model, tx, sched, init, abstract
-
-
-def _restore_or_init(config, workdir, init, abstract, shardings, data_iter):
-    ckpt = ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), every=config.ckpt_every,
-        keep=config.get("keep_ckpts", 3), best_metric=config.get("best_metric", ""),
-        best_mode=config.get("best_mode", "max"))
-    target = ckpt_lib.abstract_with_shardings(abstract, shardings)
-    if ckpt.latest_step() is not None:
-        state, step = ckpt.restore(target, data_iter=data_iter)
-        logging.info("resumed from %s at step %d", ckpt.directory, step)
-        return ckpt, state, "workdir"
-    resume = config.get("resume", "")
-    if resume and resume != "force":
-        other = ckpt_lib.Checkpointer(ckpt_lib.find_checkpoint_dir(resume), read_only=True)
-        state, step = other.restore(target, data_iter=data_iter)
-        logging.info("resumed from %s at step %d (config.resume)", resume, step)
-        return ckpt, state, "resume"
-    state = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
-    init_from = config.get("init_from", "")
-    if init_from:
-        other = ckpt_lib.Checkpointer(ckpt_lib.find_checkpoint_dir(init_from), read_only=True)
-        loaded, step = other.restore(target)
-        state = state.replace(params=loaded.params, batch_stats=loaded.batch_stats)
-        logging.info("initialised weights from %s step %d (config.init_from)", init_from, step)
-        return ckpt, state, "init_from"
-    return ckpt, state, "scratch"
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -128,15 +136,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
         source, batch_size=config.batch_size, seed=config.seed,
         keys=("image", "identity"), rename={"identity": "label"},
         num_workers=config.get("num_workers", 0))
-    ckpt, state, origin = _restore_or_init(config, workdir, init, abstract, shardings, data_iter)
-    start = int(jax.device_get(state.step))
-    writer = MetricWriter(workdir)
 
     step_fn = jax.jit(
         functools.partial(steps.train_step, model=model, tx=tx, sched=sched,
                           loss_cfg=config.loss, pfc_cfg=config.partial_fc,
                           augment=config.get("augment"), mesh=mesh,
-                          num_classes=config.data.num_identities),
+                          num_classes=config.data.num_identities,
+                          freeze_steps=freeze_steps(config)),
         in_shardings=(shardings, parallel.batch_sharding(mesh)),
         out_shardings=(shardings, parallel.replicated(mesh)),
         donate_argnums=0)
@@ -146,60 +152,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     def run_evals(st) -> dict:
         out = {}
         for ev in evaluators.values():
-            out.update(ev.run(lambda im: embed(st.params["backbone"], st.batch_stats, im)))
+            params = {k: v for k, v in st.params.items() if k != "centers"}
+            out.update(ev.run(lambda im, p=params: embed(p, st.batch_stats, im)))
         return out
 
-    # ----------------------------------------------------------------- loop
-    total = config.total_steps
-    stop = min(total, config.get("stop_after", 0) or total)
-    preempt = _Preemption()
-    last = {}
-    progress = None
-    if config.get("progress", True) and jax.process_index() == 0:
-        from tqdm import tqdm
-
-        progress = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
-    t0, n0 = time.time(), start
-    try:
-        for step in range(start, stop):
-            batch = parallel.global_batch(next(data_iter), mesh)
-            state, metrics = step_fn(state, batch)
-            done = step + 1
-            if progress is not None:
-                progress.update(1)
-            if done % config.log_every == 0 or done == stop or preempt.requested:
-                m = jax.device_get(metrics)
-                if not np.isfinite(m["loss"]):
-                    raise FloatingPointError(
-                        f"loss is {m['loss']} at step {done}; stopping. The last checkpoint "
-                        f"(step {ckpt.latest_step()}) in {ckpt.directory} is unaffected; lower "
-                        "optim.lr, enable optim.clip_norm, or check the data")
-                dt = time.time() - t0
-                rate = (done - n0) * config.batch_size / max(dt, 1e-9)
-                t0, n0 = time.time(), done
-                rec = {f"train/{k}": float(v) for k, v in m.items()}
-                rec["train/images_per_sec"] = rate
-                last.update(writer.write(done, rec))
-                if progress is not None:
-                    progress.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['acc']:.3f}",
-                                         img_s=f"{rate:.0f}")
-            eval_metrics = None
-            if evaluators and (done % config.eval_every == 0 or done == stop):
-                eval_metrics = run_evals(state)
-                last.update(writer.write(done, eval_metrics))
-                logging.info("step %d: %s", done, {k: round(float(v), 4)
-                                                   for k, v in eval_metrics.items()})
-            force = done == stop or preempt.requested
-            ckpt.save(done, state, data_iter, metrics=eval_metrics, force=force)
-            if preempt.requested or ckpt.reached_preemption(done):
-                if not force:
-                    ckpt.save(done, state, data_iter, force=True)
-                logging.warning("preempted: checkpoint at step %d saved; exiting", done)
-                break
-    finally:
-        if progress is not None:
-            progress.close()
-        preempt.restore()
-        ckpt.close()
-        writer.close()
-    return last
+    return loop.run(config, workdir, mesh=mesh, init=init, abstract=abstract,
+                    shardings=shardings, step_fn=step_fn, data_iter=data_iter,
+                    evaluate=run_evals if evaluators else None, postfix=("loss", "acc"),
+                    post_init=functools.partial(load_pretrained_modules, config))

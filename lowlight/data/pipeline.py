@@ -44,13 +44,18 @@ def default_read_options() -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
 
 
-def _worker_init(worker_index: int, worker_count: int) -> None:
-    """grain worker processes import absl-flag-reading code; mark flags parsed outside app.run."""
-    del worker_index, worker_count
+def _ensure_flags_parsed() -> None:
+    """grain reads absl flags (in this process and in its workers); outside `app.run` (tests,
+    notebooks, worker processes) nobody parsed them, so mark them parsed with their defaults."""
     from absl import flags
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+
+
+def _worker_init(worker_index: int, worker_count: int) -> None:
+    del worker_index, worker_count
+    _ensure_flags_parsed()
 
 
 class RenderBatch(grain.transforms.Map):
@@ -114,6 +119,7 @@ def batch_iterator(source, *, batch_size: int, seed: int, shuffle: bool = True,
         ds = ds.map(transform)
     it_ds = ds.to_iter_dataset(default_read_options())
     if num_workers > 0:
+        _ensure_flags_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
                                   worker_init_fn=_worker_init)
     return iter(it_ds)

@@ -30,6 +30,13 @@ _REGISTRY: dict[str, str] = {
     "vit_b": "lowlight.models.vit:vit_b",
     "vit_s_std": "lowlight.models.vit:vit_s_std",
     "vit_b_std": "lowlight.models.vit:vit_b_std",
+    # Paper B illumination modules (§3.3–3.4) and the segmentation baseline (§4.5.4).
+    "relight": "lowlight.models.relight:relight",
+    "unet": "lowlight.models.unet:unet",
+    "seg_cnn3": "lowlight.models.unet:seg_cnn3",
+    # Paper A attribute models.
+    "mobilenetv2": "lowlight.models.mobilenetv2:mobilenetv2",
+    "lighting_cnn": "lowlight.models.lighting_cnn:lighting_cnn",
 }
 
 

@@ -1,0 +1,143 @@
+"""The training loop every task shares: restore-or-init, step, log, evaluate, checkpoint,
+preemption. Task files (train.py, train_supervised.py) build the jitted step, the data iterator
+and the evaluation function; `run` drives them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from absl import logging
+
+from lowlight import checkpoint as ckpt_lib
+from lowlight import parallel
+from lowlight.metric_writer import MetricWriter
+
+
+class _Preemption:
+    """SIGTERM/SIGUSR1 (SLURM's pre-kill signals) → save a checkpoint at the next step and exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. notebooks): rely on orbax's detection
+                pass
+
+    def _handle(self, signum, frame):
+        del frame
+        logging.warning("signal %d received: checkpointing and stopping", signum)
+        self.requested = True
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def restore_or_init(config, workdir, init, abstract, shardings, data_iter, post_init=None):
+    ckpt = ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), every=config.ckpt_every,
+        keep=config.get("keep_ckpts", 3), best_metric=config.get("best_metric", ""),
+        best_mode=config.get("best_mode", "max"))
+    target = ckpt_lib.abstract_with_shardings(abstract, shardings)
+    if ckpt.latest_step() is not None:
+        state, step = ckpt.restore(target, data_iter=data_iter)
+        logging.info("resumed from %s at step %d", ckpt.directory, step)
+        return ckpt, state, "workdir"
+    resume = config.get("resume", "")
+    if resume and resume != "force":
+        other = ckpt_lib.Checkpointer(ckpt_lib.find_checkpoint_dir(resume), read_only=True)
+        state, step = other.restore(target, data_iter=data_iter)
+        logging.info("resumed from %s at step %d (config.resume)", resume, step)
+        return ckpt, state, "resume"
+    state = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
+    if post_init is not None:  # e.g. pretrained sub-modules (relight net, U-Net)
+        state = post_init(state)
+    init_from = config.get("init_from", "")
+    if init_from:
+        other = ckpt_lib.Checkpointer(ckpt_lib.find_checkpoint_dir(init_from), read_only=True)
+        loaded, step = other.restore(target)
+        state = state.replace(params=loaded.params, batch_stats=loaded.batch_stats)
+        logging.info("initialised weights from %s step %d (config.init_from)", init_from, step)
+        return ckpt, state, "init_from"
+    return ckpt, state, "scratch"
+
+
+def run(config, workdir: str, *, mesh, init, abstract, shardings, step_fn, data_iter,
+        evaluate: Callable | None = None, postfix: tuple[str, ...] = ("loss",),
+        post_init: Callable | None = None) -> dict:
+    """Runs `step_fn(state, global_batch) -> (state, metrics)` from the restored (or fresh)
+    state to `config.total_steps` (or `config.stop_after`); returns the last logged metrics.
+
+    `evaluate(state) -> {name: value}` runs every `config.eval_every` steps and at the end.
+    `metrics["loss"]` is checked for NaN/Inf at every log step. `post_init(state) -> state` runs
+    once after a from-scratch init (not on resume).
+    """
+    ckpt, state, origin = restore_or_init(config, workdir, init, abstract, shardings, data_iter,
+                                          post_init)
+    start = int(jax.device_get(state.step))
+    logging.info("starting at step %d (%s)", start, origin)
+    writer = MetricWriter(workdir)
+    # ----------------------------------------------------------------- loop
+    total = config.total_steps
+    stop = min(total, config.get("stop_after", 0) or total)
+    preempt = _Preemption()
+    last = {}
+    progress = None
+    if config.get("progress", True) and jax.process_index() == 0:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+    t0, n0 = time.time(), start
+    try:
+        for step in range(start, stop):
+            batch = parallel.global_batch(next(data_iter), mesh)
+            state, metrics = step_fn(state, batch)
+            done = step + 1
+            if progress is not None:
+                progress.update(1)
+            if done % config.log_every == 0 or done == stop or preempt.requested:
+                m = jax.device_get(metrics)
+                if not np.isfinite(m["loss"]):
+                    raise FloatingPointError(
+                        f"loss is {m['loss']} at step {done}; stopping. The last checkpoint "
+                        f"(step {ckpt.latest_step()}) in {ckpt.directory} is unaffected; lower "
+                        "optim.lr, enable optim.clip_norm, or check the data")
+                dt = time.time() - t0
+                rate = (done - n0) * config.batch_size / max(dt, 1e-9)
+                t0, n0 = time.time(), done
+                rec = {f"train/{k}": float(v) for k, v in m.items()}
+                rec["train/images_per_sec"] = rate
+                last.update(writer.write(done, rec))
+                if progress is not None:
+                    progress.set_postfix(img_s=f"{rate:.0f}",
+                                         **{k: f"{m[k]:.3f}" for k in postfix if k in m})
+            eval_metrics = None
+            if evaluate is not None and (done % config.eval_every == 0 or done == stop):
+                eval_metrics = evaluate(state)
+                last.update(writer.write(done, eval_metrics))
+                shown = dict(list(eval_metrics.items())[:8])
+                logging.info("step %d: %s%s", done, {k: round(float(v), 4)
+                                                     for k, v in shown.items()},
+                             " ..." if len(eval_metrics) > len(shown) else "")
+            force = done == stop or preempt.requested
+            ckpt.save(done, state, data_iter, metrics=eval_metrics, force=force)
+            if preempt.requested or ckpt.reached_preemption(done):
+                if not force:
+                    ckpt.save(done, state, data_iter, force=True)
+                logging.warning("preempted: checkpoint at step %d saved; exiting", done)
+                break
+    finally:
+        if progress is not None:
+            progress.close()
+        preempt.restore()
+        ckpt.close()
+        writer.close()
+    return last
