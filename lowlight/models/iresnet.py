@@ -132,6 +132,9 @@ class IResNet(nn.Module):
       mask_stage: None (no modulation, no extra parameter) or the stage after which the skin mask
         modulates features (0 = stem output, 1..4 = stage outputs).
       mask_alpha_init: initial alpha of the modulation.
+      attention: "none" | "se" | "cbam" — a channel (SE) or channel+spatial (CBAM) attention
+        block after `attention_stage`, the alternatives paper B Table 8 compares with the mask.
+      attention_stage: stage index as for `mask_stage`.
       remat: recompute block activations in the backward pass (insightface `using_ckpt`).
     """
 
@@ -142,6 +145,8 @@ class IResNet(nn.Module):
     widths: Sequence[int] = (64, 128, 256, 512)
     mask_stage: int | None = None
     mask_alpha_init: float = 0.7
+    attention: str = "none"
+    attention_stage: int = 1
     remat: bool = False
 
     @nn.compact
@@ -164,7 +169,7 @@ class IResNet(nn.Module):
         )(x)
         x = L.batch_norm(train=train, dtype=self.dtype, name="bn1")(x)
         x = L.PReLU(name="prelu")(x)
-        x = self._hook(x, 0, feature_mask)
+        x = self._hook(x, 0, feature_mask, train)
 
         # ---- stages (hook point after each) ----
         in_planes = self.widths[0]
@@ -179,7 +184,7 @@ class IResNet(nn.Module):
                 name=f"layer{i + 1}",
             )(x, train)
             in_planes = planes
-            x = self._hook(x, i + 1, feature_mask)
+            x = self._hook(x, i + 1, feature_mask, train)
 
         # ---- head ----
         x = L.batch_norm(train=train, dtype=self.dtype, name="bn2")(x)
@@ -191,7 +196,15 @@ class IResNet(nn.Module):
         x = L.frozen_scale_batch_norm(train=train, name="features")(x)
         return x, {"norm": L.l2_norm(x)}
 
-    def _hook(self, x: jax.Array, stage: int, feature_mask: jax.Array | None) -> jax.Array:
+    def _hook(self, x: jax.Array, stage: int, feature_mask: jax.Array | None,
+              train: bool) -> jax.Array:
+        if self.attention != "none" and self.attention_stage == stage:
+            from lowlight.models import attention as att
+
+            blocks = {"se": att.SqueezeExcitation, "cbam": att.CBAM}
+            if self.attention not in blocks:
+                raise ValueError(f"attention {self.attention!r}; valid: none, se, cbam")
+            x = blocks[self.attention](name=f"attention_{self.attention}")(x, train=train)
         if self.mask_stage != stage:
             return x
         return MaskModulation(alpha_init=self.mask_alpha_init, name="mask_modulation")(
