@@ -1,0 +1,629 @@
+"""Pixel kernel of the synthetic face world: per-image parameters in, images out.
+
+`lowlight.data.synthetic` draws the people and the per-image nuisance; this file holds the
+physical model (light and sensor parameters per condition, the geometry's forward map for the
+landmarks) and turns a batch of parameters into pixels. Pixels are float32 numpy over whole
+(B, H, W) arrays, channel-first inside ((B, 3, H, W): per-image colours broadcast over contiguous
+rows), written to (B, H, W, 3) uint8 at the end.
+
+Why only + - * / sqrt min max clip floor on pixels: those are correctly rounded IEEE operations,
+so a pixel's value does not depend on which SIMD lane, loop tail or batch layout computed it, nor
+on the machine's libm. That is what makes sample i bit-identical alone or in any batch, in any
+process. Soft shapes use polynomial falloffs (not exp), the noise bank uses Irwin-Hall samples
+and exact box/binomial blurs, rotations come in as rational (cos, sin) pairs.
+
+Geometry: faces are modelled in *template units* (the 112x112 ArcFace crop, where insightface's
+`arcface_dst` anchors sit), in a frontal frame (u0, v). A pixel maps to the frontal frame by the
+inverse of: yaw about a vertical cylinder of radius `head_r` (exact inverse of
+x' = R sin(phi + yaw)), then roll / scale / offset. Landmarks go through the same forward map
+(`project`), so they land on the drawn features.
+
+Speed: full-frame work is what every pixel needs (coordinates, hair, face oval, shading, sensor);
+small features (eyes, brows, nose, mouth, cheeks, beard, wrinkles) are computed only inside
+per-chunk boxes that provably contain their support (`_boxes`), and a chunk of a few images is
+rendered per pass so per-call overhead is shared while temporaries stay in cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from lowlight.data import conditions as cond
+
+TEMPLATE = 112.0  # template side (ArcFace crop) in which all geometry is expressed
+C0 = 56.0  # template centre = face midline
+NUM_CLUTTER = 5  # background rectangles per image (each switched on/off by a parameter)
+FULL_FRAME_BOXES = False  # testing: compute local features everywhere (must not change pixels)
+_F = np.float32
+# Colour temperature (K) -> linear RGB multipliers of the light (green = 1 before normalising).
+_TEMPS = ((2700, 1.35, 1.0, 0.55), (4000, 1.15, 1.0, 0.78), (5500, 1.02, 1.0, 0.95),
+          (6500, 0.95, 1.0, 1.05), (8000, 0.88, 1.0, 1.15))
+# The clip ufunc itself: np.clip adds a Python-level wrapper that costs more than the work on
+# the small arrays of a chunk (same ufunc, same results).
+_clip = (np._core if hasattr(np, "_core") else np.core).umath.clip
+
+
+# ---------------------------------------------------------------------------------------------
+# Cached grids and the noise bank (lazily built, deterministic, per size)
+# ---------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=8)
+def _grid(size: int) -> np.ndarray:
+    """Template-unit coordinate of each pixel centre along one axis (pixel j -> j * 112/size)."""
+    return np.arange(size, dtype=_F) * _F(TEMPLATE / size)
+
+
+def _blur1d(x: np.ndarray, sigma: float, axis: int) -> np.ndarray:
+    """Approximately Gaussian blur along `axis` (wrap-around), exact-arithmetic only.
+
+    Small sigma: a binomial kernel (variance n/4); larger: three box passes of radius r
+    (variance r(r+1)), each a difference of a float64 cumulative sum.
+    """
+    if sigma < 1.5:
+        n = max(2, 2 * int(round(2 * sigma * sigma)))  # even: centred kernel
+        w = np.array([1.0])
+        for _ in range(n):
+            w = np.convolve(w, [0.5, 0.5])
+        out = np.zeros_like(x)
+        for o, wk in zip(range(-(n // 2), n // 2 + 1), w.astype(_F)):
+            out += wk * np.roll(x, o, axis=axis)
+        return out
+    r = max(1, int(round((sigma * sigma + 0.25) ** 0.5 - 0.5)))
+    y = x.astype(np.float64)
+    for _ in range(3):
+        pad = np.concatenate([np.take(y, range(-r - 1, 0), axis=axis), y,
+                              np.take(y, range(r), axis=axis)], axis=axis)
+        c = np.cumsum(pad, axis=axis)
+        n = y.shape[axis]
+        y = (np.take(c, range(2 * r + 1, 2 * r + 1 + n), axis=axis)
+             - np.take(c, range(0, n), axis=axis)) / (2 * r + 1)
+    return y.astype(_F)
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = x - x.mean(dtype=np.float64).astype(_F)
+    return (x / _F(x.std(dtype=np.float64))).astype(_F)
+
+
+@functools.lru_cache(maxsize=4)
+def noise_bank(size: int) -> dict[str, np.ndarray]:
+    """Tileable noise textures of side 2*size, identical on every machine.
+
+    Gaussian-like samples are Irwin-Hall sums of 4 uniforms (exact arithmetic, no libm), so the
+    bank does not depend on the platform. Images read windows at per-image offsets: cheap
+    camera noise, skin pores, hair strands and out-of-focus background texture.
+    """
+    side = 2 * size
+    rng = np.random.default_rng([0x5F4CE, 7, size])
+    u = rng.random((4, 8, side, side), dtype=_F)
+    g = (u.sum(0) - _F(2.0)) * _F(3.0 ** 0.5)  # 8 planes of unit-variance noise
+    k = size / TEMPLATE
+    skin = _normalise(_blur1d(_blur1d(g[3], 0.6 * k, 0), 0.6 * k, 1)
+                      + _F(0.5) * _blur1d(_blur1d(g[4], 2.5 * k, 0), 2.5 * k, 1))
+    hair = _normalise(_blur1d(_blur1d(g[5], 3.0 * k, 0), 0.45 * k + 0.3, 1))
+    bg = np.stack([_normalise(_blur1d(_blur1d(g[i], 7.0 * k, 0), 7.0 * k, 1)) for i in (6, 7)])
+    return {"camera": np.ascontiguousarray(g[:3]), "skin": skin, "hair": hair, "bg": bg}
+
+
+def _windows(plane: np.ndarray, fy: np.ndarray, fx: np.ndarray, size: int) -> np.ndarray:
+    """Per-image (size, size) windows of a bank plane at offsets given as fractions in [0, 1)."""
+    span = plane.shape[-1] - size
+    oy = (fy.astype(np.float64) * span).astype(np.int64)
+    ox = (fx.astype(np.float64) * span).astype(np.int64)
+    return np.stack([plane[..., a:a + size, b:b + size] for a, b in zip(oy, ox)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Soft shapes (polynomial, compact support) and compositing
+# ---------------------------------------------------------------------------------------------
+
+def _ramp(d, iw):
+    """Soft step: 0 for d < -w/2, 1 for d > w/2 (w = 1/iw, about one pixel), linear between."""
+    return _clip(d * iw + _F(0.5), _F(0.0), _F(1.0))
+
+
+def _ellipse(u, v, cx, cy, ax, ay, iw):
+    """Anti-aliased filled ellipse; returns (mask, r2) with r2 the normalised squared radius."""
+    du = (u - cx) * (1 / ax)
+    dv = (v - cy) * (1 / ay)
+    r2 = du * du + dv * dv
+    return _ramp((1 - r2) * (np.minimum(ax, ay) * _F(0.5)), iw), r2
+
+
+def _band(v, lo, hi, iw):
+    """Anti-aliased coverage of lo < v < hi that fades out where the band is thinner than 1 px."""
+    return _ramp(np.minimum(v - lo, hi - v), iw) * _clip((hi - lo) * iw, _F(0.0), _F(1.0))
+
+
+def _bump(u, v, cx, cy, ax, ay):
+    """Smooth compact bump (1 - r^2)^2 inside the ellipse, 0 outside."""
+    du = (u - cx) * (1 / ax)
+    dv = (v - cy) * (1 / ay)
+    b = np.maximum(1 - du * du - dv * dv, _F(0.0))
+    return b * b
+
+
+def _lerp(A, m, c):
+    """A <- A + m (c - A) in place; A (B,3,H,W), m (B,H,W), c broadcastable to A."""
+    t = c - A
+    t *= m[:, None]
+    A += t
+
+
+# ---------------------------------------------------------------------------------------------
+# Boxes: local features are computed only where they can be non-zero
+# ---------------------------------------------------------------------------------------------
+
+def _boxes(P: dict[str, np.ndarray], size: int, regions: dict) -> dict[str, tuple]:
+    """Pixel (rows, cols) slices covering each frontal-frame region in every image of the chunk.
+
+    `regions[name] = (du_lo, du_hi, v_lo, v_hi)` ((B,) arrays; du = u0 - midline; du_lo None
+    means all columns). Features are exactly zero outside their region, and a region is mapped
+    forward conservatively (yaw on its visible branch, then roll/scale/offset, plus a 2-pixel
+    margin), so computing a feature inside the box only gives the same pixels as computing it
+    everywhere: the union over the chunk just saves work, it cannot change a result.
+    """
+    if FULL_FRAME_BOXES:
+        return {n: (slice(0, size), slice(0, size)) for n in regions}
+    f8 = lambda k: P[k].astype(np.float64)[:, None]
+    s, c, sn = f8("scale"), f8("roll_c"), f8("roll_s")
+    ox, oy, yc, ys, R, dl = f8("off_x"), f8("off_y"), f8("yaw_c"), f8("yaw_s"), f8("head_r"), \
+        f8("delta")
+    names = list(regions)
+    nan = np.full(len(s), np.nan)
+    vals = np.array([[nan if x is None else x for x in regions[n]] for n in names],
+                    np.float64).transpose(1, 2, 0)  # (4, B, K)
+    has_cols = ~np.isnan(vals[0])
+    lo_u, hi_u = np.where(has_cols, vals[0], 0.0), np.where(has_cols, vals[1], 0.0)
+    lo_v, hi_v = vals[2] - C0 - 1.0, vals[3] - C0 + 1.0
+    lim = R * yc - 1.0  # the inverse yaw map is one-to-one for |du| below this
+    ok = has_cols & (np.maximum(-lo_u, hi_u) + 1.0 < lim)
+    fwd = lambda X: X * yc + np.sqrt(np.maximum(R * R - X * X, 0.0)) * ys + dl
+    ua, ub = fwd(lo_u - 1.0), fwd(hi_u + 1.0)
+    xs, ys_ = [], []
+    for du in (ua, ub):
+        for dv in (lo_v, hi_v):
+            xs.append(C0 + ox + s * (c * du - sn * dv))
+            ys_.append(C0 + oy + s * (sn * du + c * dv))
+    # rows-only regions: every column; rows where v in [lo, hi] at either image edge
+    edge = (-C0 - ox, TEMPLATE - C0 - ox)
+    yr = [C0 + oy + (s * dv + sn * X) / c for dv in (lo_v, hi_v) for X in edge]
+    y_lo = np.where(ok, np.min(ys_, 0), np.min(yr, 0)).min(0)
+    y_hi = np.where(ok, np.max(ys_, 0), np.max(yr, 0)).max(0)
+    x_lo = np.where(ok, np.min(xs, 0), -np.inf).min(0)
+    x_hi = np.where(ok, np.max(xs, 0), np.inf).max(0)
+    k = size / TEMPLATE
+    r0 = _clip(np.floor(y_lo * k) - 2, 0, size).astype(int).tolist()
+    r1 = _clip(np.ceil(y_hi * k) + 3, 0, size).astype(int).tolist()
+    c0 = _clip(np.floor(np.where(np.isfinite(x_lo), x_lo * k, 0)) - 2, 0, size).astype(int)
+    c1 = _clip(np.ceil(np.where(np.isfinite(x_hi), x_hi * k, size)) + 3, 0, size).astype(int)
+    return {n: (slice(r0[j], max(r0[j], r1[j])), slice(c0[j], max(c0[j], c1[j])))
+            for j, n in enumerate(names)}
+
+
+class _Columns(dict):
+    """name -> row of a parameter matrix, made on first use (most renders touch few names)."""
+
+    def __init__(self, keys: Sequence[str], pos: dict[str, int], rows: np.ndarray):
+        super().__init__()
+        self.keys_, self.pos, self.rows = keys, pos, rows
+
+    def __missing__(self, key):
+        value = self[key] = self.rows[self.pos[key]]
+        return value
+
+
+@functools.lru_cache(maxsize=8)
+def _positions(keys: tuple[str, ...]) -> dict[str, int]:
+    return {k: j for j, k in enumerate(keys)}
+
+
+class _View:
+    """Per-box views of the full-frame arrays (writes go through to the full arrays)."""
+
+    def __init__(self, box, **arrays):
+        rs, cs = box
+        for k, a in arrays.items():
+            setattr(self, k, a[..., rs, cs])
+
+
+# ---------------------------------------------------------------------------------------------
+# The renderer
+# ---------------------------------------------------------------------------------------------
+
+CANON_AMBIENT = 0.35  # canonical light: ambient + frontal white directional, no noise
+CANON_INTENSITY = 0.75
+
+
+def render(keys: Sequence[str], M: np.ndarray, size: int, *, clutter: bool = True,
+           out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Renders a batch whose parameters are the float32 matrix M (B, K), columns named `keys`.
+
+    Returns image (B,H,W,3) uint8, canonical (B,H,W,3) uint8, skin_mask (B,H,W) float32,
+    written into the arrays of `out` when given (saves a copy of every output).
+    """
+    B = M.shape[0]
+    keys = tuple(keys)
+    pos = _positions(keys)
+    cols = np.ascontiguousarray(M.T)
+    P = _Columns(keys, pos, cols)  # name -> (B,) parameter
+    cols = cols.reshape(len(keys), B, 1, 1)
+    p = _Columns(keys, pos, cols)  # name -> (B,1,1), broadcasts over (B,H,W)
+
+    def rgb(n):  # (B,3,1,1) view of the consecutive columns n_r, n_g, n_b
+        j = pos[n + "_r"]
+        assert keys[j + 1] == n + "_g" and keys[j + 2] == n + "_b", n
+        return cols[j:j + 3].transpose(1, 0, 2, 3)
+    bank = noise_bank(size)
+    t = _grid(size)
+    xg, yg = t[None, None, :], t[None, :, None]
+    iw = p["scale"] * _F(size / TEMPLATE)  # 1 / (template units per pixel): soft edges ~1 px
+
+    # --- pixel -> face frame: undo offset, roll, scale (u, v), then yaw (u0) -----------------
+    X = xg - (C0 + p["off_x"])
+    Y = yg - (C0 + p["off_y"])
+    ca, sa = p["roll_c"] / p["scale"], p["roll_s"] / p["scale"]
+    u = (ca * X + C0) + sa * Y
+    v = (ca * Y + C0) - sa * X
+    xp = u - (C0 + p["delta"])
+    R = p["head_r"]
+    du0 = xp * p["yaw_c"] - np.sqrt(np.maximum(R * R - xp * xp, _F(0.0))) * p["yaw_s"]
+    u0 = du0 + C0  # frontal frame; du0 = signed distance from the midline
+    adu = np.abs(du0)
+    ey, ny, my = p["eye_y"], p["nose_y"], p["mouth_y"]
+
+    # --- background: colour x (gradient, blurred texture); clutter rectangles -------------------
+    bgt = _windows(bank["bg"], P["bg_oy"], P["bg_ox"], size)  # (B,2,H,W)
+    # (albedo stays >= 0 from here on: every later layer is a convex mix or a factor in [0, 1])
+    lum = np.maximum((1 + p["bg_grad"] * (yg - C0) * _F(1 / C0)) * (1 + p["bg_tex"] * bgt[:, 0]),
+                     _F(0.0))
+    A = rgb("bg") * lum[:, None]
+    A[:, 2] *= np.maximum(1 + _F(0.5) * p["bg_tex"] * bgt[:, 1], _F(0.0))  # some colour variation
+    if clutter:
+        _clutter(A, P, t, size)
+
+    # --- regions of the local features ------------------------------------------------------------
+    z = np.zeros(B, np.float32)
+    brow_top = np.minimum(P["eye_y"] - P["brow_gap"] - np.maximum(P["brow_raise"], 0)
+                          - P["brow_arch"] - P["brow_th"], P["eye_y"] - 7.5 - P["brow_gap"])
+    eye_half = P["eye_dx"] + np.maximum(np.maximum(P["brow_len"] + 2.5, 12.0), P["eye_w"] * 1.3)
+    mouth_top = np.minimum(P["nose_y"] + 1.5, P["mouth_y"] - 2.5 * P["smile"] - P["lip_u"] - 1)
+    mouth_bot = np.maximum(P["mouth_y"] + 6.5, P["mouth_y"] + P["smile"] + 5 * P["open"]
+                           + P["lip_l"] + 1.5)
+    u_max = ((np.abs(P["roll_c"]) + np.abs(P["roll_s"]))
+             * (C0 + np.maximum(np.abs(P["off_x"]), np.abs(P["off_y"])) + 1) / P["scale"])
+    regions = {
+        "hair": (None, None, P["hair_cy"] - P["hair_ry"] - 1.0,
+                 np.maximum(P["hair_bottom"], P["long"] * P["long_len"]) + 6.0),
+        "neck": (None, None, P["eye_y"] + 24.0, z + 1e4),
+        "cloth": (None, None, P["cloth_y"] - 0.35 * (u_max - 12) - 1.0, z + 1e4),
+        "ears": (None, None, P["ear_y"] - P["ear_h"], P["ear_y"] + P["ear_h"]),
+        "eyes": (-eye_half, eye_half, brow_top - 1.0, P["eye_y"] + 8.5),
+        "cheeks": (-(P["eye_dx"] + 16.5), P["eye_dx"] + 16.5, P["eye_y"] + 1.0,
+                   P["eye_y"] + 23.5),
+        "nose": (-(1.15 * P["nose_w"] + 3.5), 1.15 * P["nose_w"] + 3.5, P["eye_y"] - 4.5,
+                 P["nose_y"] + 3.5),
+        "mouth": (-(P["mouth_w"] + 3.0), P["mouth_w"] + 3.0, mouth_top, mouth_bot),
+        "chin": (z - 10.5, z + 10.5, P["chin_y"] - 14.5, P["chin_y"] - 1.5),
+        "beard": (None, None, P["beard_top"] - 0.012 * P["face_w"] ** 2 - 2, P["chin_y"] + 2),
+        "fore": (z - 19.0, z + 19.0, P["face_top"] - 1.5, P["eye_y"] - P["brow_gap"] - 3.0),
+        "fold": (-(P["nose_w"] + 12.0), P["nose_w"] + 12.0, P["nose_y"] - 1.5,
+                 P["mouth_y"] + 6.5),
+    }
+    if not np.any(P["wrinkle"] > 0):
+        del regions["fore"], regions["fold"]
+    if not np.any(np.maximum(P["beard"], P["moustache"]) > 0):
+        del regions["beard"]
+    box = _boxes(P, size, regions)
+
+    # --- hair behind the head: its outline (the part over the face is drawn last) -------------
+    hair_tex = _windows(bank["hair"], P["strand_oy"], P["strand_ox"], size)
+    hair_col = lambda tex: rgb("hair") * (_F(0.7) + _F(0.45) * _clip(tex + 1, 0, 2.5))[:, None]
+    hb = _View(box["hair"], A=A, u0=u0, adu=adu, v=v, tex=hair_tex)
+    hm, hr2 = _ellipse(hb.u0, hb.v, C0, p["hair_cy"], p["hair_rx"], p["hair_ry"], iw)
+    hm *= np.maximum(p["crown"], _ramp(hb.adu - (p["face_w"] - 5), iw))  # bald: sides only
+    hm *= _ramp(p["hair_bottom"] - hb.v, iw)
+    longm = (_ramp(p["long_w"] - hb.adu, iw) * _ramp(hb.v - p["hair_cy"], iw)
+             * _ramp(p["long_len"] - hb.v - _F(0.12) * hb.adu, iw * _F(0.25))) * p["long"]
+    hair_out = np.maximum(hm, longm) * p["hair_density"]  # (hair box)
+    hair_rgb = hair_col(hb.tex)
+    _lerp(hb.A, hair_out, hair_rgb)
+    h = np.zeros((B, size, size), _F)  # height field, template units towards the camera
+    h[:, box["hair"][0]] = (p["hair_vol"] * np.sqrt(_clip(1 - hr2, 0, 1))) * hm
+
+    # --- neck and clothes ----------------------------------------------------------------------
+    skin = np.zeros((B, size, size), _F)
+    n = _View(box["neck"], A=A, adu=adu, v=v, skin=skin, h=h)
+    neck = _ramp(p["neck_w"] - n.adu, iw) * _ramp(n.v - ey - 25, iw)
+    _lerp(n.A, neck, rgb("skin") * _F(0.85))
+    n.skin += neck
+    np.maximum(n.h, neck * (p["face_depth"] * _F(0.35)), out=n.h)
+    c = _View(box["cloth"], A=A, u=u, v=v, skin=skin, h=h)
+    cloth = _ramp(c.v - (p["cloth_y"] - _F(0.35) * np.maximum(np.abs(c.u - C0) - 12, 0)), iw)
+    _lerp(c.A, cloth, rgb("cloth"))
+    c.skin *= 1 - cloth
+    c.h *= 1 - cloth
+
+
+    # --- ears, then the face oval (jaw taper) with textured skin albedo ---------------------------
+    e = _View(box["ears"], A=A, adu=adu, v=v, skin=skin, h=h)
+    em, _ = _ellipse(e.adu, e.v, p["face_w"], p["ear_y"], p["ear_w"], p["ear_h"], iw)
+    _lerp(e.A, em, rgb("skin") * _F(0.92))
+    e.skin += em * (1 - e.skin)
+    np.maximum(e.h, em * (p["face_depth"] * _F(0.2)), out=e.h)
+    taper = _clip((v - p["jaw_y"]) / (p["chin_y"] - p["jaw_y"]), 0, 1)
+    half_w = p["face_w"] * (1 - p["jaw_taper"] * taper * taper)
+    fdu = du0 / half_w
+    fdv = (v - (p["face_top"] + p["chin_y"]) * _F(0.5)) / ((p["chin_y"] - p["face_top"]) * _F(0.5))
+    fr2 = fdu * fdu + fdv * fdv
+    face = _ramp((1 - fr2) * (half_w * _F(0.5)), iw)
+    stex = _windows(bank["skin"], P["tex_oy"], P["tex_ox"], size)
+    _lerp(A, face, rgb("skin") * (1 + p["tex_amp"] * stex)[:, None])
+    skin += face * (1 - skin)
+    h = np.maximum(h, p["face_depth"] * np.sqrt(_clip(1 - fr2, 0, 1)))
+    D = np.ones((B, size, size), _F)  # multiplicative darkening (pupils, lashes, creases, ...)
+
+    # --- cheeks: relief and blush; chin -----------------------------------------------------------
+    c = _View(box["cheeks"], A=A, u0=u0, v=v, adu=adu, h=h)
+    c.h += p["cheek_h"] * _bump(c.adu, c.v, p["eye_dx"] + 3, ey + 12, _F(13.0), _F(10.5))
+    blush = _bump(c.adu, c.v, p["eye_dx"] + 2, ey + 16, _F(9.0), _F(7.0)) * p["blush"]
+    c.A[:, 1:] *= (1 - blush)[:, None]
+    c = _View(box["chin"], du0=du0, v=v, h=h)
+    c.h += _F(2.0) * _bump(c.du0, c.v, 0, p["chin_y"] - 8, _F(10.0), _F(6.0))
+
+    # --- nose: ridge, tip, wings, nostrils --------------------------------------------------------
+    n = _View(box["nose"], du0=du0, adu=adu, v=v, h=h, D=D)
+    along = (_clip((n.v - ey + 4) / (ny - ey + 4), 0, 1)
+             * _clip((ny + 3 - n.v) * _F(1 / 3), 0, 1))
+    nw = p["nose_w"] * (_F(0.6) + _F(0.5) * along)
+    tt = _clip(1 - (n.du0 / nw) ** 2, 0, 1)
+    n.h += (p["nose_h"] * along) * (tt * tt)
+    n.h += _F(2.0) * _bump(n.du0, n.v, 0, ny - 1, p["nose_w"] * _F(0.55), _F(3.5))
+    n.h += _F(1.5) * _bump(n.adu, n.v, p["nose_w"] * _F(0.75), ny - 0.5, _F(2.8), _F(2.8))
+    nm, _ = _ellipse(n.adu, n.v, p["nose_w"] * _F(0.42), ny + 1.6, p["nose_w"] * _F(0.3),
+                     _F(1.1), iw)
+    n.D *= 1 - _F(0.75) * nm
+
+    # --- age: forehead lines, nasolabial folds ---------------------------------------------------
+    if "fore" in box:
+        f = _View(box["fore"], adu=adu, v=v, face=face, D=D)
+        fv = f.v * _F(1 / 3.2)
+        tri = np.abs(fv - np.floor(fv) - _F(0.5))  # triangle wave: 0 on the lines
+        fore = _ramp(ey - p["brow_gap"] - 4 - f.v, iw) * _ramp(18 - f.adu, iw)
+        f.D *= 1 - _clip(1 - tri * _F(5.0), 0, 1) * fore * (p["wrinkle"] * f.face)
+        f = _View(box["fold"], adu=adu, v=v, face=face, D=D)
+        xf = p["nose_w"] + 2 + (f.v - ny) * _F(0.35)  # from the nose wing outwards and down
+        fold = (_clip(1 - np.abs(f.adu - xf) * _F(0.8), 0, 1)
+                * _ramp(f.v - ny + 1, iw) * _ramp(my + 6 - f.v, iw))
+        f.D *= 1 - fold * (_F(0.8) * p["wrinkle"] * f.face)
+
+    # --- beard / moustache ------------------------------------------------------------------------
+    if "beard" in box:
+        b = _View(box["beard"], A=A, du0=du0, adu=adu, v=v, face=face, skin=skin,
+                  hair_tex=hair_tex)
+        bt = p["beard_top"] - _F(0.012) * b.du0 * b.du0
+        bm = _ramp(b.v - bt, iw * _F(0.5)) * b.face * p["beard"]
+        mous = (_ramp(b.v - ny - 2.5, iw) * _ramp(my - b.v, iw)
+                * _ramp(p["mouth_w"] + 2 - b.adu, iw) * p["moustache"])
+        bm = np.maximum(bm, mous) * _clip(_F(0.75) + _F(0.4) * b.hair_tex, 0, 1)
+        _lerp(b.A, bm, hair_col(b.hair_tex))
+        b.skin *= 1 - bm
+
+    # --- mouth: lips, opening with teeth, crease --------------------------------------------------
+    m = _View(box["mouth"], A=A, du0=du0, v=v, h=h, D=D, skin=skin)
+    m.h += _F(1.8) * _bump(m.du0, m.v, 0, my, p["mouth_w"] + 2, _F(6.0))
+    tm = m.du0 / p["mouth_w"]
+    tm2 = np.minimum(tm * tm, _F(1.5))
+    inside = _clip(1 - tm2, 0, 1)
+    line = my - p["smile"] * tm2 * _F(3.0) + p["smile"] * _F(0.8)  # mouth line, corners up
+    gap = p["open"] * inside * _F(5.0)
+    upper = line - p["lip_u"] * inside * (1 - _F(0.25) * _clip(1 - tm2 * 12, 0, 1))
+    lips = _band(m.v, upper, line + gap + p["lip_l"] * inside, iw) * _ramp(1 - tm2,
+                                                                             iw * p["mouth_w"])
+    _lerp(m.A, lips, rgb("lip"))
+    m.skin *= 1 - lips
+    opening = _band(m.v, line, line + gap, iw)
+    teeth = _ramp(line + gap * _F(0.45) - m.v, iw)
+    _lerp(m.A, opening, (_F(0.04) + _F(0.5) * teeth[:, None]))
+    m.h -= p["open"] * _F(2.0) * opening
+    crease = _clip(1 - np.abs(m.v - line) * iw * _F(0.8), 0, 1) * _ramp(1.1 - tm2, iw * 4)
+    m.D *= 1 - _F(0.65) * crease
+
+    # --- eyes (sockets, lens-shaped opening, sclera, iris, pupil, lashes, bags) and brows --------
+    # Both eyes at once in |du0| (mirror symmetric; tilt and taper mirror too, gaze does not).
+    e = _View(box["eyes"], A=A, du0=du0, adu=adu, v=v, h=h, D=D, skin=skin, face=face,
+              hair_tex=hair_tex)
+    e.h -= p["socket"] * _bump(e.adu, e.v, p["eye_dx"], ey - 1, _F(9.0), _F(6.5))
+    e.h += _F(1.2) * _bump(e.adu, e.v, p["eye_dx"], ey - p["brow_gap"], _F(11.0), _F(3.5))
+    e.D *= 1 - _bump(e.adu, e.v, p["eye_dx"], ey + 5, _F(6.0), _F(2.2)) * (
+        _F(0.6) * p["wrinkle"] * e.face)
+    te = (e.adu - p["eye_dx"]) / p["eye_w"]  # -1 inner corner, +1 outer corner
+    lens = _clip(1 - te * te, 0, 1)
+    cyl = ey + p["eye_tilt"] * te
+    top = cyl - p["eye_h"] * lens
+    eye = _band(e.v, top, cyl + p["eye_h"] * _F(0.8) * lens, iw)
+    _lerp(e.A, eye, rgb("sclera"))
+    gaze = np.where(e.du0 < 0, -p["gaze_x"], p["gaze_x"])  # |du0| of the iris centre moves
+    ir, r2 = _ellipse(e.adu - gaze, e.v, p["eye_dx"], ey + p["gaze_y"], p["iris_rad"],
+                      p["iris_rad"], iw)
+    _lerp(e.A, ir * eye, rgb("iris"))
+    pupil = _ramp((_F(0.2) - r2) * (p["iris_rad"] * _F(0.45)), iw)  # r < 0.45 iris
+    lash = (_clip(1 - np.abs(e.v - top + 0.3) * iw * _F(0.7), 0, 1)
+            * _ramp(1.15 - np.abs(te), iw * p["eye_w"]))
+    e.D *= (1 - _F(0.9) * pupil * eye) * (1 - p["lash"] * lash)
+    e.skin *= 1 - np.maximum(eye, lash)
+    # brows: an arch above each eye, thicker at the inner end
+    tb = (e.adu - (p["eye_dx"] + _F(1.0))) / p["brow_len"]
+    tb2 = tb * tb
+    bc = ey - p["brow_gap"] - p["brow_raise"] - p["brow_arch"] * _clip(1 - tb2, 0, 1)
+    bth = p["brow_th"] * (1 - _F(0.35) * _clip(tb + 1, 0, 2))
+    brow = (_ramp(bth - np.abs(e.v - bc), iw) * _ramp(1 - tb2, iw * p["brow_len"])
+            * p["brow_dens"]) * _clip(_F(0.8) + _F(0.3) * e.hair_tex, 0, 1)
+    _lerp(e.A, brow, hair_col(e.hair_tex) * _F(0.85))
+    e.skin *= 1 - brow
+    A *= D[:, None]
+
+    # --- hair over the face: cap above the hairline (jagged fringe), side locks ----------------
+    hb = _View(box["hair"], A=A, du0=du0, adu=adu, v=v, skin=skin)
+    hl = p["hairline"] + p["recess"] * (hb.du0 - p["part"]) ** 2 * _F(1 / 400)
+    if np.any(P["fringe"] > 0):  # jag is exactly 0 without a fringe: skipping changes nothing
+        fr = (hb.du0 + C0) * _F(1 / 3.0)
+        hl = hl + np.abs(fr - np.floor(fr) - _F(0.5)) * (p["fringe"] * _F(4.0))  # fringe tips
+    front = np.maximum(_ramp(hl - hb.v, iw),
+                       _ramp(hb.adu - (p["face_w"] - p["side_cov"]), iw)
+                       * _ramp(p["side_len"] - hb.v, iw)) * hair_out
+    _lerp(hb.A, front, hair_rgb)
+    hb.skin *= 1 - front
+
+    # --- shading: normals from the height field; Lambert + ambient + Blinn-Phong ------------------
+    k = iw * _F(0.5)  # central differences -> derivative per template unit
+    gx = np.zeros_like(h)
+    gy = np.zeros_like(h)
+    np.subtract(h[:, :, 2:], h[:, :, :-2], out=gx[:, :, 1:-1])
+    np.subtract(h[:, 2:, :], h[:, :-2, :], out=gy[:, 1:-1, :])
+    gx *= k
+    gy *= k
+    inv = 1 / np.sqrt(gx * gx + gy * gy + 1)  # n = (-gx, -gy, 1) * inv
+    ndl = (p["l_z"] - gx * p["l_x"] - gy * p["l_y"]) * inv
+    fall = _clip(1 + p["l_fall"] * ((xg - C0) * p["l_x"] + (yg - C0) * p["l_y"]) * _F(1 / C0),
+                   _F(0.15), _F(2.0))
+    light = (p["l_amb"] + p["l_int"] * np.maximum(ndl, 0) * fall)
+    spec = np.maximum((p["h_z"] - gx * p["h_x"] - gy * p["h_y"]) * inv, 0)
+    for _ in range(4):  # (n.h)^16
+        spec *= spec
+    spec *= (p["spec_k"] * p["l_int"] * skin) * fall
+
+    # --- sensor: shot + read noise (electrons), gain, clip, gamma 2 (sqrt), 8-bit -----------------
+    # Shot-noise std comes from the green channel's electron count (per-channel would cost 3x).
+    g_e = (A[:, 1] * light + spec) * (p["col_g"] * p["exposure"] * p["fw"])
+    sig = np.sqrt(g_e + p["read"] * p["read"]) * (p["noise"] * p["gain"] / p["fw"])
+    noise = _windows(bank["camera"], P["n_oy"], P["n_ox"], size)
+    if out is None:
+        out = {"image": np.empty((B, size, size, 3), np.uint8),
+               "canonical": np.empty((B, size, size, 3), np.uint8),
+               "skin_mask": np.empty((B, size, size), np.float32)}
+    image, canonical = out["image"], out["canonical"]
+    canon = _F(CANON_AMBIENT) + _F(CANON_INTENSITY) * inv  # frontal light: n.l = n_z
+    light *= p["exposure"] * p["gain"]
+    spec *= p["exposure"] * p["gain"]
+    for ch, name in enumerate(("col_r", "col_g", "col_b")):
+        y = A[:, ch] * light
+        y += spec
+        y *= p[name]
+        y += sig * noise[:, ch]
+        _quantise(y, image[..., ch])
+        _quantise(A[:, ch] * canon, canonical[..., ch])
+    _clip(skin, _F(0.0), _F(1.0), out=out["skin_mask"])
+    return out
+
+
+_CLUTTER_FIELDS = ("on", "x0", "x1", "y0", "y1", "r", "g", "b", "soft")
+
+
+def _clutter(A: np.ndarray, P: dict[str, np.ndarray], t: np.ndarray, size: int) -> None:
+    """Soft-edged background rectangles, each composited only inside its own box."""
+    k = size / TEMPLATE
+    j0 = P.pos["cl0_on"]  # the sampler writes the 5 x 9 clutter fields as one block
+    n = len(_CLUTTER_FIELDS)
+    assert P.keys_[j0 + n * NUM_CLUTTER - 1] == f"cl{NUM_CLUTTER - 1}_soft"
+    blk = P.rows[j0:j0 + n * NUM_CLUTTER].T.reshape(-1, NUM_CLUTTER, n, 1)  # (B,K,9,1)
+    on, x0, x1, y0, y1 = (blk[:, :, i] for i in range(5))
+    col, soft = blk[:, :, 5:8, :, None], blk[:, :, 8]  # (B,K,3,1,1), (B,K,1)
+    isoft = 1 / soft
+    mx = _ramp(np.minimum(t - x0, x1 - t), isoft)  # (B,K,W)
+    my = _ramp(np.minimum(t - y0, y1 - t), isoft)  # (B,K,H)
+    lim = lambda a: _clip(a, 0, size).astype(int)[..., 0].tolist()
+    c0, c1 = lim(np.floor((x0 - soft) * k) - 1), lim(np.ceil((x1 + soft) * k) + 2)
+    r0, r1 = lim(np.floor((y0 - soft) * k) - 1), lim(np.ceil((y1 + soft) * k) + 2)
+    on = (on[..., 0] > 0).tolist()
+    for b in range(A.shape[0]):
+        for j in range(NUM_CLUTTER):
+            if not on[b][j] or c1[b][j] <= c0[b][j] or r1[b][j] <= r0[b][j]:
+                continue
+            rs, cs = slice(r0[b][j], r1[b][j]), slice(c0[b][j], c1[b][j])
+            sub = A[b, :, rs, cs]
+            sub += (my[b, j, rs, None] * mx[b, j, None, cs]) * (col[b, j] - sub)
+
+
+def _quantise(y: np.ndarray, out: np.ndarray) -> None:
+    """Linear light -> display uint8 with gamma 2 (sqrt, exact) and rounding, written to out."""
+    _clip(y, _F(0.0), _F(1.0), out=y)
+    np.sqrt(y, out=y)
+    y *= _F(255.0)
+    y += _F(0.5)
+    out[...] = y
+
+
+# ---------------------------------------------------------------------------------------------
+# Light and geometry parameters that belong with the pixel model
+# ---------------------------------------------------------------------------------------------
+
+def temperature(kelvin: float) -> tuple[float, float, float]:
+    """Linear RGB multipliers of light of colour temperature `kelvin` (luminance 1)."""
+    i = 0
+    while i < len(_TEMPS) - 2 and kelvin > _TEMPS[i + 1][0]:
+        i += 1
+    ks = [t[0] for t in _TEMPS]
+    a = min(max((kelvin - ks[i]) / (ks[i + 1] - ks[i]), 0.0), 1.0)
+    c = [(1 - a) * _TEMPS[i][j] + a * _TEMPS[i + 1][j] for j in (1, 2, 3)]
+    y = 0.3 * c[0] + 0.59 * c[1] + 0.11 * c[2]
+    return c[0] / y, c[1] / y, c[2] / y
+
+
+def light_params(r: np.random.Generator, name: str, P: dict, noise: float) -> None:
+    """Adds the light and sensor parameters of condition `name` to P.
+
+    Every condition draws the same 16 uniforms, so the stream after them does not depend on
+    the condition. Directions are in image axes: x right, y down, z towards the camera.
+    """
+    U = r.random(16).tolist()
+    a, b = 2 * U[0] - 1, 2 * U[1] - 1
+    n = math.sqrt(a * a + b * b) + 1e-6
+    dx, dy = a / n, b / n  # random lateral direction (image x right, y down)
+    m = 0.45 * U[2]  # sine of the light's angle from the camera axis
+    inten, amb, expo, gain = 0.75 + 0.2 * U[3], 0.22 + 0.12 * U[4], 0.95 + 0.15 * U[5], 1.0
+    kelvin, fall, read = 4500 + 2500 * U[8], 0.1 * U[9], 2.0 + 3.0 * U[7]
+    if name == cond.LOW:
+        m, inten, amb = 0.6 * U[2], 0.65 + 0.25 * U[3], 0.15 + 0.15 * U[4]
+        expo, gain, read = 0.005 + 0.02 * U[5], 1.5 + 2.5 * U[10], 3.0 + 6.0 * U[7]
+        kelvin, fall = 2700 + 2000 * U[8], 0.3 * U[9]
+    elif name in cond.SIDE_CONDITIONS:
+        j = 0.27 * (2 * U[0] - 1)
+        dx, dy = {cond.SIDE_LEFT: (-1, j), cond.SIDE_RIGHT: (1, j), cond.SIDE_TOP: (j, -1),
+                  cond.SIDE_BOTTOM: (j, 1)}[name]  # light comes FROM that side of the image
+        n = math.sqrt(dx * dx + dy * dy)
+        dx, dy = dx / n, dy / n
+        m, inten, amb = 0.85 + 0.13 * U[2], 1.0 + 0.4 * U[3], 0.02 + 0.06 * U[4]
+        expo, fall, kelvin = 0.9 + 0.2 * U[5], 0.35 + 0.3 * U[9], 3500 + 3500 * U[8]
+    elif name == cond.OVER:
+        m, inten, amb = 0.4 * U[2], 0.9 + 0.2 * U[3], 0.25 + 0.15 * U[4]
+        expo, kelvin = 1.35 + 0.75 * U[5], 5000 + 3000 * U[8]
+    lz = math.sqrt(1 - m * m)
+    P["l_x"], P["l_y"], P["l_z"] = m * dx, m * dy, lz
+    hn = math.sqrt(m * m + (lz + 1) ** 2)  # half vector between light and view (0, 0, 1)
+    P["h_x"], P["h_y"], P["h_z"] = m * dx / hn, m * dy / hn, (lz + 1) / hn
+    P["l_int"], P["l_amb"], P["l_fall"] = inten, amb, fall
+    P["col_r"], P["col_g"], P["col_b"] = temperature(kelvin)
+    P["exposure"], P["gain"], P["fw"], P["read"] = expo, gain, 3000.0 + 5000.0 * U[6], read
+    P["noise"] = noise
+
+
+def project(P: dict) -> list[tuple[float, float]]:
+    """Landmarks (5 (x, y) in template units) through the pixels' yaw/roll/scale/offset.
+
+    Also sets P['delta'], the horizontal shift that keeps the landmarks' mean x where the frontal
+    face has it (what alignment would do), so faces stay on the template under yaw.
+    """
+    lift = 2.2 * P["smile"]  # mouth-corner rise, matches _render's mouth line at |t| = 1
+    X = (-P["eye_dx"], P["eye_dx"], 0.0, -P["mouth_w"], P["mouth_w"])
+    Y = (P["eye_y"], P["eye_y"], P["nose_y"], P["mouth_y"] - lift, P["mouth_y"] - lift)
+    R, yc, ys = P["head_r"], P["yaw_c"], P["yaw_s"]
+    xp = [x * yc + math.sqrt(R * R - x * x) * ys for x in X]
+    P["delta"] = delta = sum(x - q for x, q in zip(X, xp)) / 5
+    c, s, k = P["roll_c"], P["roll_s"], P["scale"]
+    return [(C0 + P["off_x"] + k * (c * (q + delta) - s * (y - C0)),
+             C0 + P["off_y"] + k * (s * (q + delta) + c * (y - C0))) for q, y in zip(xp, Y)]
