@@ -25,6 +25,8 @@ TASKS: dict[str, str] = {
     "recognition": "lowlight.train:train_and_evaluate",
     "relight": "lowlight.train_supervised:train_and_evaluate",
     "skin_seg": "lowlight.train_supervised:train_and_evaluate",
+    "attributes": "lowlight.train_supervised:train_and_evaluate",
+    "lighting": "lowlight.train_supervised:train_and_evaluate",
 }
 
 # Config keys that may differ between a run and its resumption without counting as a

@@ -70,6 +70,34 @@ def restore_or_init(config, workdir, init, abstract, shardings, data_iter, post_
     return ckpt, state, "scratch"
 
 
+def _early_stopper(config, workdir):
+    """Paper A's early stopping on a validation metric (`config.early_stopping`), resumable."""
+    es = config.get("early_stopping", None)
+    if not es or not es.get("metric"):
+        return None
+    from lowlight.losses.multitask import EarlyStopping
+
+    path = os.path.join(workdir, "early_stopping.json")
+    if os.path.exists(path):
+        import json
+
+        with open(path) as f:
+            return EarlyStopping.from_state_dict(json.load(f))
+    return EarlyStopping(patience=es.patience, min_delta=es.get("min_delta", 0.0),
+                         mode=es.get("mode", "min"))
+
+
+def _save_stopper(stopper, workdir):
+    if jax.process_index() != 0:
+        return
+    import json
+
+    path = os.path.join(workdir, "early_stopping.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(stopper.state_dict(), f)
+    os.replace(path + ".tmp", path)
+
+
 def run(config, workdir: str, *, mesh, init, abstract, shardings, step_fn, data_iter,
         evaluate: Callable | None = None, postfix: tuple[str, ...] = ("loss",),
         post_init: Callable | None = None) -> dict:
@@ -85,9 +113,14 @@ def run(config, workdir: str, *, mesh, init, abstract, shardings, step_fn, data_
     start = int(jax.device_get(state.step))
     logging.info("starting at step %d (%s)", start, origin)
     writer = MetricWriter(workdir)
+    stopper = _early_stopper(config, workdir)
     # ----------------------------------------------------------------- loop
     total = config.total_steps
     stop = min(total, config.get("stop_after", 0) or total)
+    if stopper is not None and stopper.should_stop:
+        logging.warning("this run already stopped early (best step %s); nothing to do",
+                        stopper.best_step)
+        stop = start
     preempt = _Preemption()
     last = {}
     progress = None
@@ -127,8 +160,24 @@ def run(config, workdir: str, *, mesh, init, abstract, shardings, step_fn, data_
                 logging.info("step %d: %s%s", done, {k: round(float(v), 4)
                                                      for k, v in shown.items()},
                              " ..." if len(eval_metrics) > len(shown) else "")
-            force = done == stop or preempt.requested
+            early = False
+            if stopper is not None and eval_metrics is not None:
+                key = config.early_stopping.metric
+                if key not in eval_metrics:
+                    raise KeyError(f"early_stopping.metric {key!r} is not an evaluation metric; "
+                                   f"available: {', '.join(sorted(eval_metrics))}")
+                early = stopper.update(float(eval_metrics[key]), step=done)
+                _save_stopper(stopper, workdir)
+                if early:
+                    logging.warning("early stopping at step %d: %s has not improved for %d "
+                                    "evaluations (best %.5g at step %s)", done, key,
+                                    stopper.patience, stopper.best, stopper.best_step)
+                    last.update(writer.write(done, {"early_stopped": 1.0,
+                                                    "best_step": float(stopper.best_step)}))
+            force = done == stop or preempt.requested or early
             ckpt.save(done, state, data_iter, metrics=eval_metrics, force=force)
+            if early:
+                break
             if preempt.requested or ckpt.reached_preemption(done):
                 if not force:
                     ckpt.save(done, state, data_iter, force=True)

@@ -33,10 +33,11 @@ from lowlight.steps import TrainState
 # ------------------------------------------------------------------------------ task specs
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-    keys: tuple[str, ...]
+    keys: tuple[str, ...]  # source keys a batch needs
     prepare: Callable      # (batch, key, cfg) -> (x, targets)
     loss: Callable         # (outputs, aux, targets, cfg) -> (loss, metrics)
-    evaluator: Callable    # (name, eval_cfg, model) -> object with run(variables) -> dict
+    evaluator: Callable    # (name, eval_cfg, model, task_cfg) -> obj with run(variables) -> dict
+    transform: Callable | None = None  # task_cfg -> per-batch numpy transform (e.g. labels)
 
 
 def _to_input(x01):
@@ -111,13 +112,14 @@ class _ModelFn:
 
     def __call__(self, variables, images_uint8):
         x = _to_input(jnp.asarray(images_uint8, jnp.float32) / 255.0)
-        return np.asarray(self._apply(variables, x))
+        return jax.tree.map(np.asarray, self._apply(variables, x))
 
 
 class RelightEvaluator:
     """PSNR / SSIM / illumination uniformity per condition: the net vs none/gamma/clahe/msr."""
 
-    def __init__(self, name, cfg, model):
+    def __init__(self, name, cfg, model, task_cfg=None):
+        del task_cfg
         self.name, self.cfg = name, cfg
         data = _eval_set(cfg)
         self.pairs = {}
@@ -152,7 +154,8 @@ class RelightEvaluator:
 class SegEvaluator:
     """IoU / Dice per condition: the model vs YCbCr thresholding (Chai & Ngan)."""
 
-    def __init__(self, name, cfg, model):
+    def __init__(self, name, cfg, model, task_cfg=None):
+        del task_cfg
         self.name, self.cfg = name, cfg
         data = _eval_set(cfg)
         self.images, self.masks = data["image"], data["skin_mask"]
@@ -179,6 +182,18 @@ TASKS: dict[str, TaskSpec] = {
     "relight": TaskSpec(("image", "canonical"), _relight_prepare, _relight_loss, RelightEvaluator),
     "skin_seg": TaskSpec(("image", "skin_mask"), _seg_prepare, _seg_loss, SegEvaluator),
 }
+
+
+def task_spec(name: str) -> TaskSpec:
+    """The TaskSpec of `name` (paper A's tasks live in lowlight.attributes)."""
+    if name in TASKS:
+        return TASKS[name]
+    from lowlight import attributes
+
+    if name in attributes.TASKS:
+        return attributes.TASKS[name]
+    raise ValueError(f"unknown supervised task {name!r}; valid: "
+                     f"{', '.join([*TASKS, *attributes.TASKS])}")
 
 
 # ------------------------------------------------------------------------------ steps
@@ -216,7 +231,7 @@ def train_step(state, batch, *, model, tx, sched, spec: TaskSpec, task_cfg):
 # ------------------------------------------------------------------------------ entry
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains the model of a supervised task (`config.task` in TASKS)."""
-    spec = TASKS[config.task]
+    spec = task_spec(config.task)
     n_dev = config.get("num_devices", 0) or jax.device_count()
     mesh = parallel.make_mesh(1, devices=jax.devices()[:n_dev])
     model = models.create(config.model.name, **dict(config.model.get("kwargs", {}) or {}))
@@ -231,14 +246,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
     logging.info("task %s, model %s: %s params; mesh %s", config.task, config.model.name,
                  f"{n_params:,}", dict(mesh.shape))
     source = pipeline.make_source(config.data)
-    data_iter = pipeline.batch_iterator(source, batch_size=config.batch_size, seed=config.seed,
-                                        keys=spec.keys, num_workers=config.get("num_workers", 0))
+    task_cfg = config.get("task_cfg", {})
+    data_iter = pipeline.batch_iterator(
+        source, batch_size=config.batch_size, seed=config.seed, keys=spec.keys,
+        num_workers=config.get("num_workers", 0),
+        transform=spec.transform(task_cfg) if spec.transform else None)
     step_fn = jax.jit(
         functools.partial(train_step, model=model, tx=tx, sched=sched, spec=spec,
-                          task_cfg=config.get("task_cfg", {})),
+                          task_cfg=task_cfg),
         in_shardings=(shardings, parallel.batch_sharding(mesh)),
         out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
-    evaluators = {name: spec.evaluator(name, cfg, model)
+    evaluators = {name: spec.evaluator(name, cfg, model, task_cfg)
                   for name, cfg in (config.get("evals") or {}).items()}
 
     def evaluate(state):

@@ -205,6 +205,87 @@ def _boxes(P: dict[str, np.ndarray], size: int, regions: dict) -> dict[str, tupl
             for j, n in enumerate(names)}
 
 
+_REGION_KEYS = ("scale", "eye_y", "nose_y", "mouth_y", "face_w", "hair_rx", "hair_ry", "hair_cy",
+                "hair_bottom", "long", "long_len", "roll_c", "roll_s", "off_x", "off_y", "ear_h",
+                "ear_w", "ear_y", "eye_w", "eye_h", "eye_tilt", "eye_dx", "brow_len", "brow_gap",
+                "brow_raise", "brow_arch", "brow_th", "nose_w", "mouth_w", "smile", "open",
+                "lip_u", "lip_l", "face_top", "chin_y", "jaw_taper", "beard_top", "cloth_y")
+
+
+def _regions(P: dict[str, np.ndarray], size: int) -> dict[str, tuple]:
+    """Frontal-frame region of each local feature, outside which it is exactly 0 (see `_boxes`).
+
+    Bounds are the features' exact supports in template units *including their soft edges*,
+    whose width is a pixel: w = 1 / iw = 112 / (size * scale) template units, several units at
+    small sizes (a bound that ignores it only holds at large ones). `_ramp(d, iw * a)` is
+    non-zero for d > -w / (2a); `_ellipse` with radii (ax, ay) for r2 < 1 + w / min(ax, ay);
+    `_bump` strictly inside its ellipse. Mirror any change to a feature here;
+    tests/test_synthetic.py checks the boxes against full frames at several sizes.
+    """
+    f = {k: P[k].astype(np.float64) for k in _REGION_KEYS}
+    w = TEMPLATE / (size * f["scale"])
+    sqrt, lo, hi = np.sqrt, np.minimum, np.maximum
+    ey, ny, my, fw, nw, mw = (f[k] for k in ("eye_y", "nose_y", "mouth_y", "face_w", "nose_w",
+                                             "mouth_w"))
+    none, zero = (None, None), ey * 0
+    # hair outline (ellipse cut at hair_bottom), long hair (its end a ramp with iw / 4)
+    rx, ry = f["hair_rx"], f["hair_ry"]
+    hair = (f["hair_cy"] - ry * sqrt(1 + w / lo(rx, ry)),
+            hi(f["hair_bottom"] + w / 2, np.where(f["long"] > 0, f["long_len"] + 2 * w, 0)))
+    # clothes: the neckline rises 0.35 per unit beyond |u - C0| = 12, and |u - C0| <= u_max
+    u_max = ((np.abs(f["roll_c"]) + np.abs(f["roll_s"]))
+             * (C0 + hi(np.abs(f["off_x"]), np.abs(f["off_y"])) + 1) / f["scale"])
+    ear = f["ear_h"] * sqrt(1 + w / lo(f["ear_w"], f["ear_h"]))
+    # eyes: socket / ridge / bag bumps; lens |te| < 1; lashes |te| < t_lash, |v - top| < w / 0.7;
+    # brows |tb| < tb_max (about eye_dx + 1), centre between b_hi and b_lo, half-height <= th
+    ew, eh, tilt, gap = f["eye_w"], f["eye_h"], np.abs(f["eye_tilt"]), f["brow_gap"]
+    t_lash = 1.15 + w / (2 * ew)
+    tb_max = sqrt(1 + w / (2 * f["brow_len"]))
+    b_hi = ey - gap - f["brow_raise"] - hi(f["brow_arch"], 0)
+    b_lo = ey - gap - f["brow_raise"] - lo(f["brow_arch"], 0)
+    th = f["brow_th"] + w / 2
+    eye_u = f["eye_dx"] + hi(hi(11.0, 1.15 * ew + w / 2), 1 + f["brow_len"] * tb_max)
+    eyes = (lo(lo(ey - 7.5, ey - gap - 3.5),
+               lo(ey - tilt * t_lash - eh - 0.3 - w / 0.7, b_hi - th)),
+            hi(hi(ey + 7.2, ey - gap + 3.5),
+               hi(hi(ey + tilt * t_lash - 0.3 + w / 0.7, ey + tilt + 0.8 * eh + w / 2), b_lo + th)))
+    # nose: ridge |du| < 1.1 nose_w for ey - 4 < v < ny + 3; tip and wing bumps; nostrils
+    nos = sqrt(1 + w / lo(0.3 * nw, 1.1))
+    nose_u = hi(hi(1.1 * nw, 0.75 * nw + 2.8), (0.42 + 0.3 * nos) * nw)
+    nose = (lo(ey - 4, lo(ny - 4.5, ny + 1.6 - 1.1 * nos)), hi(ny + 3, ny + 1.6 + 1.1 * nos))
+    # mouth: bump; lips and opening |tm| < 1; crease tm^2 < 1.1 + w / 8, |v - line| < 1.25 w;
+    # the mouth line lies in [my - 3.7 smile, my + 0.8 smile]
+    sm = f["smile"]
+    mouth_u = hi(mw + 2, mw * sqrt(1.1 + w / 8))
+    mouth = (lo(my - 6, my - 3.7 * sm - hi(f["lip_u"] + w / 2, 1.25 * w)),
+             hi(my + 6, my + 0.8 * sm + hi(5 * f["open"] + f["lip_l"] + w / 2, 1.25 * w)))
+    # face oval: du0^2 < fw^2 + w fw; v within mid -+ half height x sqrt(1 + w / half width)
+    mid, hh = (f["face_top"] + f["chin_y"]) / 2, (f["chin_y"] - f["face_top"]) / 2
+    face_bot = mid + hh * sqrt(1 + w / (fw * (1 - f["jaw_taper"])))
+    beard = (lo(f["beard_top"] - 0.012 * (fw * fw + w * fw) - w, ny + 2.5 - w / 2),
+             hi(face_bot, my + w / 2))
+    fold_u = nw + 3.25 + 0.35 * (my + 6 + w / 2 - ny)  # xf at the lowest v, + 1.25
+    regions = {
+        "hair": (*none, *hair),
+        "neck": (*none, ey + 25 - w / 2, zero + 1e4),
+        "cloth": (*none, f["cloth_y"] - 0.35 * hi(u_max - 12, 0) - w / 2, zero + 1e4),
+        "ears": (*none, f["ear_y"] - ear, f["ear_y"] + ear),
+        "eyes": (-eye_u, eye_u, *eyes),
+        "cheeks": (-(f["eye_dx"] + 16), f["eye_dx"] + 16, ey + 1.5, ey + 23),
+        "nose": (-nose_u, nose_u, *nose),
+        "mouth": (-mouth_u, mouth_u, *mouth),
+        "chin": (zero - 10, zero + 10, f["chin_y"] - 14, f["chin_y"] - 2),
+        "beard": (*none, *beard),
+        "fore": (-(18 + w / 2), 18 + w / 2, mid - hh * sqrt(1 + w / fw), ey - gap - 4 + w / 2),
+        "fold": (-fold_u, fold_u, ny - 1 - w / 2, my + 6 + w / 2),
+    }
+    if not np.any(P["wrinkle"] > 0):  # (a feature multiplied by 0 is exactly 0: skip it)
+        del regions["fore"], regions["fold"]
+    if not np.any(np.maximum(P["beard"], P["moustache"]) > 0):
+        del regions["beard"]
+    return regions
+
+
 class _Columns(dict):
     """name -> row of a parameter matrix, made on first use (most renders touch few names)."""
 
@@ -286,39 +367,7 @@ def render(keys: Sequence[str], M: np.ndarray, size: int, *, clutter: bool = Tru
     if clutter:
         _clutter(A, P, t, size)
 
-    # --- regions of the local features ------------------------------------------------------------
-    z = np.zeros(B, np.float32)
-    brow_top = np.minimum(P["eye_y"] - P["brow_gap"] - np.maximum(P["brow_raise"], 0)
-                          - P["brow_arch"] - P["brow_th"], P["eye_y"] - 7.5 - P["brow_gap"])
-    eye_half = P["eye_dx"] + np.maximum(np.maximum(P["brow_len"] + 2.5, 12.0), P["eye_w"] * 1.3)
-    mouth_top = np.minimum(P["nose_y"] + 1.5, P["mouth_y"] - 2.5 * P["smile"] - P["lip_u"] - 1)
-    mouth_bot = np.maximum(P["mouth_y"] + 6.5, P["mouth_y"] + P["smile"] + 5 * P["open"]
-                           + P["lip_l"] + 1.5)
-    u_max = ((np.abs(P["roll_c"]) + np.abs(P["roll_s"]))
-             * (C0 + np.maximum(np.abs(P["off_x"]), np.abs(P["off_y"])) + 1) / P["scale"])
-    regions = {
-        "hair": (None, None, P["hair_cy"] - P["hair_ry"] - 1.0,
-                 np.maximum(P["hair_bottom"], P["long"] * P["long_len"]) + 6.0),
-        "neck": (None, None, P["eye_y"] + 24.0, z + 1e4),
-        "cloth": (None, None, P["cloth_y"] - 0.35 * (u_max - 12) - 1.0, z + 1e4),
-        "ears": (None, None, P["ear_y"] - P["ear_h"], P["ear_y"] + P["ear_h"]),
-        "eyes": (-eye_half, eye_half, brow_top - 1.0, P["eye_y"] + 8.5),
-        "cheeks": (-(P["eye_dx"] + 16.5), P["eye_dx"] + 16.5, P["eye_y"] + 1.0,
-                   P["eye_y"] + 23.5),
-        "nose": (-(1.15 * P["nose_w"] + 3.5), 1.15 * P["nose_w"] + 3.5, P["eye_y"] - 4.5,
-                 P["nose_y"] + 3.5),
-        "mouth": (-(P["mouth_w"] + 3.0), P["mouth_w"] + 3.0, mouth_top, mouth_bot),
-        "chin": (z - 10.5, z + 10.5, P["chin_y"] - 14.5, P["chin_y"] - 1.5),
-        "beard": (None, None, P["beard_top"] - 0.012 * P["face_w"] ** 2 - 2, P["chin_y"] + 2),
-        "fore": (z - 19.0, z + 19.0, P["face_top"] - 1.5, P["eye_y"] - P["brow_gap"] - 3.0),
-        "fold": (-(P["nose_w"] + 12.0), P["nose_w"] + 12.0, P["nose_y"] - 1.5,
-                 P["mouth_y"] + 6.5),
-    }
-    if not np.any(P["wrinkle"] > 0):
-        del regions["fore"], regions["fold"]
-    if not np.any(np.maximum(P["beard"], P["moustache"]) > 0):
-        del regions["beard"]
-    box = _boxes(P, size, regions)
+    box = _boxes(P, size, _regions(P, size))
 
     # --- hair behind the head: its outline (the part over the face is drawn last) -------------
     hair_tex = _windows(bank["hair"], P["strand_oy"], P["strand_ox"], size)
@@ -417,7 +466,8 @@ def render(keys: Sequence[str], M: np.ndarray, size: int, *, clutter: bool = Tru
     m = _View(box["mouth"], A=A, du0=du0, v=v, h=h, D=D, skin=skin)
     m.h += _F(1.8) * _bump(m.du0, m.v, 0, my, p["mouth_w"] + 2, _F(6.0))
     tm = m.du0 / p["mouth_w"]
-    tm2 = np.minimum(tm * tm, _F(1.5))
+    tt = tm * tm
+    tm2 = np.minimum(tt, _F(1.5))
     inside = _clip(1 - tm2, 0, 1)
     line = my - p["smile"] * tm2 * _F(3.0) + p["smile"] * _F(0.8)  # mouth line, corners up
     gap = p["open"] * inside * _F(5.0)
@@ -430,7 +480,8 @@ def render(keys: Sequence[str], M: np.ndarray, size: int, *, clutter: bool = Tru
     teeth = _ramp(line + gap * _F(0.45) - m.v, iw)
     _lerp(m.A, opening, (_F(0.04) + _F(0.5) * teeth[:, None]))
     m.h -= p["open"] * _F(2.0) * opening
-    crease = _clip(1 - np.abs(m.v - line) * iw * _F(0.8), 0, 1) * _ramp(1.1 - tm2, iw * 4)
+    # (uncapped tm^2 here: with the cap the crease would never end sideways below ~40 px)
+    crease = _clip(1 - np.abs(m.v - line) * iw * _F(0.8), 0, 1) * _ramp(1.1 - tt, iw * 4)
     m.D *= 1 - _F(0.65) * crease
 
     # --- eyes (sockets, lens-shaped opening, sclera, iris, pupil, lashes, bags) and brows --------

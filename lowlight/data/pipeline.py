@@ -25,18 +25,51 @@ import jax
 import numpy as np
 
 #: Dataset names `config.data.name` may take.
-DATASETS: tuple[str, ...] = ("synth",)
+DATASETS: tuple[str, ...] = ("synth", "utkface")
+
+
+#: Paper A's dataset variants: the source itself, DistortionFace, NaturalFace.
+VARIANTS: tuple[str, ...] = ("clean", "distortion", "natural")
 
 
 def make_source(cfg):
-    """Random-access source for a data config (`cfg.name` + its options)."""
+    """Random-access source for a data config (`cfg.name` + its options), wrapped by paper A's
+    simulate module when `cfg.variant` is 'distortion' (every image) or 'natural' (half)."""
     if cfg.name == "synth":
         from lowlight.data.synthetic import SynthFaces
 
-        extra = dict(cfg.get("synth", {}) or {})
-        return SynthFaces(seed=cfg.seed, num_identities=cfg.num_identities,
-                          images_per_identity=cfg.images_per_identity, size=cfg.size, **extra)
-    raise ValueError(f"unknown dataset (config.data.name) {cfg.name!r}; valid: {', '.join(DATASETS)}")
+        from lowlight.config_lib import to_dict
+
+        extra = to_dict(cfg.get("synth", {}) or {})
+        src = SynthFaces(seed=cfg.seed, num_identities=cfg.num_identities,
+                         images_per_identity=cfg.images_per_identity, size=cfg.size, **extra)
+    elif cfg.name == "utkface":
+        from lowlight.data.sources import UTKFace
+
+        if not cfg.get("root"):
+            raise ValueError("config.data.root: the UTKFace folder is required for "
+                             "data.name='utkface'")
+        crop = cfg.get("face_crop", "") or None
+        # validate: decode every file once up front so a corrupt JPEG is skipped (and reported)
+        # at start instead of failing a training step hours later.
+        src = UTKFace(cfg.root, split=cfg.get("split", "train"), seed=cfg.seed,
+                      size=cfg.size, face_crop={"no_face": "center"} if crop else None,
+                      validate=cfg.get("validate", True))
+    else:
+        raise ValueError(f"unknown dataset (config.data.name) {cfg.name!r}; "
+                         f"valid: {', '.join(DATASETS)}")
+    variant = cfg.get("variant", "clean")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown data variant (config.data.variant) {variant!r}; "
+                         f"valid: {', '.join(VARIANTS)}")
+    if variant != "clean":
+        from lowlight.data import illumination
+
+        wrap = illumination.DistortionFace if variant == "distortion" else illumination.NaturalFace
+        from lowlight.config_lib import to_dict
+
+        src = wrap(src, seed=cfg.seed, **to_dict(cfg.get("simulate", {}) or {}))
+    return src
 
 
 def default_read_options() -> grain.ReadOptions:

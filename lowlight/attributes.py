@@ -1,0 +1,196 @@
+"""Paper A's tasks: facial attributes under low light and the lighting classifier.
+
+  attributes — MobileNetV2 (+SE / CBAM / none) → age (MSE), gender (BCE), ethnicity (CE), loss
+               weights 0.1 / 1.0 / 1.0, Adam lr 1e-4, early stopping on validation loss
+               (paper A, "Proposed method" and "Experiments").
+  lighting   — a small CNN: low-light vs normal (paper A: 99.33%), or normal / low / side / over
+               (the multi-class variant paper A names as further work).
+
+Data variants (`config.data.variant`), paper A's datasets: clean (UTKFace itself — here the
+synthetic world under normal light), distortion (DistortionFace: every image through the
+simulate module), natural (NaturalFace: a deterministic half simulated). Held-out people are
+evaluated per lighting condition; the cross-domain grid (train on {clean, distortion, natural} ×
+test on {distortion, natural}) is a set of evaluators on one run (configs/paper_a.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowlight.data import conditions as cond
+from lowlight.train_supervised import TaskSpec, _ModelFn, _to_input
+
+
+# ------------------------------------------------------------------------------ data
+class LightingLabels:
+    """Per-batch numpy transform adding `label` for the lighting classifier (picklable).
+
+    binary: 1 if the image went through paper A's simulate module (`simulated`), else 0.
+    groups: the coarse group of the rendered condition (normal / low / side / over).
+    """
+
+    def __init__(self, mode: str):
+        if mode not in ("binary", "groups"):
+            raise ValueError(f"lighting label mode {mode!r}; valid: binary, groups")
+        self.mode = mode
+
+    def __call__(self, batch):
+        batch = dict(batch)
+        if self.mode == "binary":
+            batch["label"] = np.asarray(batch["simulated"], np.int32)
+        else:
+            batch["label"] = np.array([cond.group_index(str(c)) for c in batch["condition"]],
+                                      np.int32)
+        return batch
+
+
+def read_items(source, n: int) -> dict[str, np.ndarray]:
+    """The first `n` items of a source as stacked arrays (render_batch when available)."""
+    n = min(n, len(source))
+    if hasattr(source, "render_batch"):
+        return dict(source.render_batch(np.arange(n)))
+    items = [source[i] for i in range(n)]
+    return {k: np.stack([np.asarray(it[k]) for it in items]) for k in items[0]}
+
+
+# ------------------------------------------------------------------------------ attributes
+def _attr_prepare(batch, key, cfg):
+    del key, cfg
+    x = _to_input(batch["image"].astype(jnp.float32) / 255.0)
+    return x, {k: batch[k] for k in ("age", "gender", "ethnicity")}
+
+
+def _attr_loss(out, aux, targets, cfg):
+    from lowlight.losses.multitask import attribute_loss, attribute_metrics
+
+    del aux
+    w = cfg.get("loss_weights", {}) or {}
+    kw = dict(w_age=w.get("age", 0.1), w_gender=w.get("gender", 1.0),
+              w_ethnicity=w.get("ethnicity", 1.0), age_scale=cfg.get("age_scale", 1.0))
+    total, parts = attribute_loss(out, targets, **kw)
+    metrics = attribute_metrics(out, targets, age_scale=kw["age_scale"])
+    return total, {**{k: v for k, v in parts.items() if k != "total"}, **metrics}
+
+
+class AttributeEvaluator:
+    """Age MAE, gender / ethnicity accuracy (overall and per lighting condition), validation
+    loss (for early stopping) and the ethnicity confusion matrix, on held-out people."""
+
+    def __init__(self, name, cfg, model, task_cfg=None):
+        from lowlight.data import pipeline
+
+        self.name, self.cfg, self.task_cfg = name, cfg, dict(task_cfg or {})
+        data = read_items(pipeline.make_source(cfg.data), cfg.get("num_images", 512))
+        self.images = data["image"]
+        self.targets = {k: np.asarray(data[k]) for k in ("age", "gender", "ethnicity")}
+        self.conditions = np.asarray([str(c) for c in data.get(
+            "condition", ["normal"] * len(self.images))])
+        self.fn = _ModelFn(model)
+        self.last_table = None
+
+    def outputs(self, variables, batch_size: int = 128) -> dict[str, np.ndarray]:
+        outs = [self.fn(variables, self.images[i:i + batch_size])
+                for i in range(0, len(self.images), batch_size)]
+        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+    def run(self, variables) -> dict:
+        out = self.outputs(variables)
+        return self.score(out)
+
+    def score(self, out) -> dict:
+        from lowlight.losses.multitask import attribute_loss, attribute_metrics, predict
+
+        age_scale = self.task_cfg.get("age_scale", 1.0)
+        w = self.task_cfg.get("loss_weights", {}) or {}
+        jo = {k: jnp.asarray(v) for k, v in out.items()}
+        jt = {k: jnp.asarray(v) for k, v in self.targets.items()}
+        loss, _ = attribute_loss(jo, jt, w_age=w.get("age", 0.1), w_gender=w.get("gender", 1.0),
+                                 w_ethnicity=w.get("ethnicity", 1.0), age_scale=age_scale)
+        res = {f"{self.name}/loss": float(loss)}
+        res.update({f"{self.name}/{k}": float(v) for k, v in
+                    attribute_metrics(jo, jt, age_scale=age_scale).items()})
+        for c in [c for c in cond.CONDITIONS if c in set(self.conditions.tolist())]:
+            sel = self.conditions == c
+            m = attribute_metrics({k: v[sel] for k, v in jo.items()},
+                                  {k: v[sel] for k, v in jt.items()}, age_scale=age_scale)
+            res.update({f"{self.name}/{c}/{k}": float(v) for k, v in m.items()})
+        pred = predict(jo, age_scale=age_scale)
+        eth = np.asarray(pred["ethnicity"])
+        conf = np.zeros((5, 5), np.int64)
+        np.add.at(conf, (self.targets["ethnicity"], eth), 1)
+        names = ["White", "Black", "Asian", "Indian", "Others"]
+        lines = ["| true \\ predicted | " + " | ".join(names) + " |",
+                 "|---|" + "---:|" * 5]
+        lines += [f"| {n} | " + " | ".join(str(v) for v in row) + " |"
+                  for n, row in zip(names, conf)]
+        table = "\n".join([f"# {self.name}", "", "Ethnicity confusion matrix", ""] + lines) + "\n"
+        self.last_table = (conf, table)
+        return res
+
+
+# ------------------------------------------------------------------------------ lighting
+def _light_prepare(batch, key, cfg):
+    del key, cfg
+    return _to_input(batch["image"].astype(jnp.float32) / 255.0), {"label": batch["label"]}
+
+
+def _light_loss(out, aux, targets, cfg):
+    del aux, cfg
+    labels = targets["label"].astype(jnp.int32)
+    logp = jax.nn.log_softmax(out.astype(jnp.float32))
+    loss = -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
+    return loss, {"acc": jnp.mean(jnp.argmax(out, -1) == labels)}
+
+
+class LightingEvaluator:
+    """Accuracy (overall, per rendered condition) and the confusion matrix of the classifier."""
+
+    def __init__(self, name, cfg, model, task_cfg=None):
+        from lowlight.data import pipeline
+
+        self.name, self.cfg = name, cfg
+        mode = (task_cfg or {}).get("labels", "binary")
+        data = read_items(pipeline.make_source(cfg.data), cfg.get("num_images", 512))
+        data = LightingLabels(mode)(data)
+        self.images, self.labels = data["image"], np.asarray(data["label"])
+        self.conditions = np.asarray([str(c) for c in data["condition"]])
+        self.fn = _ModelFn(model)
+        self.last_table = None
+
+    def predict(self, variables, batch_size: int = 256) -> np.ndarray:
+        return np.concatenate([np.argmax(self.fn(variables, self.images[i:i + batch_size]), -1)
+                               for i in range(0, len(self.images), batch_size)])
+
+    def run(self, variables) -> dict:
+        pred = self.predict(variables)
+        res = {f"{self.name}/acc": float(np.mean(pred == self.labels))}
+        res[f"{self.name}/loss"] = 1.0 - res[f"{self.name}/acc"]
+        for c in [c for c in cond.CONDITIONS if c in set(self.conditions.tolist())]:
+            sel = self.conditions == c
+            res[f"{self.name}/{c}/acc"] = float(np.mean(pred[sel] == self.labels[sel]))
+        k = int(max(self.labels.max(), pred.max())) + 1
+        conf = np.zeros((k, k), np.int64)
+        np.add.at(conf, (self.labels, pred), 1)
+        self.last_table = (conf, f"# {self.name}\n\nconfusion (rows true, cols predicted)\n\n"
+                                 + "\n".join(" ".join(f"{v:6d}" for v in r) for r in conf) + "\n")
+        return res
+
+
+TASKS = {
+    "attributes": TaskSpec(("image", "age", "gender", "ethnicity"), _attr_prepare, _attr_loss,
+                           AttributeEvaluator),
+    "lighting": TaskSpec(("image", "simulated", "condition"), _light_prepare, _light_loss,
+                         LightingEvaluator,
+                         transform=lambda cfg: LightingLabels(cfg.get("labels", "binary"))),
+}
+
+
+def write_table(workdir: str, step: int, name: str, text: str) -> None:
+    d = os.path.join(workdir, "eval", str(step))
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, f"{name}.md"), "w") as f:
+        f.write(text)
