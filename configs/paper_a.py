@@ -6,6 +6,9 @@ classifier, on the synthetic world (UTKFace: `--config.data.name=utkface` once i
       up to 500 epochs with early stopping on validation loss (paper A stopped at 50–80). Each
       run is tested on DistortionFace and NaturalFace of held-out people — one row of paper A's
       Tables 1–2 per run (the cross-domain grid is the set of runs train × attention).
+  exp=routed      lighting_from=DIR normal_from=DIR low_from=DIR
+      paper A's method 2 evaluated as one model (no training): the binary lighting classifier
+      sends each test face to the model trained on clean data or on DistortionFace.
   exp=lighting    labels=binary|groups
       the lighting CNN: binary low-light vs normal (paper A: 99.33%) on NaturalFace (label =
       simulated or not), or the 4-class normal / low / side / over variant on the world's own
@@ -37,15 +40,16 @@ def _data(seed, n_ids, per_id, size, variant, lighting, *, name="synth", root=""
 def get_config(arg=None):
     a = config_lib.parse_arg(arg, exp="attributes", train="natural", attention="se",
                              labels="binary", patience=10, scale="auto", smoke=False,
-                             data="synth", root="")
+                             data="synth", root="", lighting_from="runs/a_light",
+                             normal_from="runs/a_clean_se", low_from="runs/a_dist_se")
     config_lib.choice("data", a.data, ("synth", "utkface"))
-    config_lib.choice("exp", a.exp, ("attributes", "lighting"))
+    config_lib.choice("exp", a.exp, ("attributes", "lighting", "routed"))
     config_lib.choice("train", a.train, ("clean", "distortion", "natural"))
     config_lib.choice("attention", a.attention, ("se", "cbam", "none"))
     config_lib.choice("labels", a.labels, ("binary", "groups"))
     scale = recipes.resolve_scale("smoke" if a.smoke else a.scale)
     small, cpu = scale == "smoke", scale in ("cpu", "smoke")
-    if a.exp == "attributes":
+    if a.exp in ("attributes", "routed"):
         c = recipes.supervised("attributes", model="mobilenetv2", scale=scale,
                                # age regressed in years (paper A); start the output at the
                                # world's mean age so the 0.1-weighted MSE starts sane
@@ -68,8 +72,8 @@ def get_config(arg=None):
         lighting = "normal" if a.labels == "binary" else "mixed"
         variant = "natural" if a.labels == "binary" else "clean"
     size = c.data.size
-    n_ids = 400 if not cpu else 24 if small else 300
-    per_id = 20 if not cpu else 4 if small else 16
+    n_ids = 400 if not cpu else 24 if small else 200
+    per_id = 20 if not cpu else 4 if small else 12
     real = dict(name=a.data, root=a.root)
     c.data = _data(0, n_ids, per_id, size, variant, lighting, **real)
     n_eval = 96 if small else 600
@@ -78,7 +82,7 @@ def get_config(arg=None):
     c.evals = {"val": dict(data=_data(20_001, ev_ids, 4, size, variant, lighting, split="val",
                                       **real),
                            num_images=n_eval)}
-    if a.exp == "attributes":
+    if a.exp in ("attributes", "routed"):
         for test in ("distortion", "natural"):
             c.evals[f"test_{test}"] = dict(data=_data(20_002, ev_ids, 4, size, test, lighting,
                                                       split="test", **real),
@@ -87,10 +91,17 @@ def get_config(arg=None):
         c.best_mode = "min"
         n_train = 16_595 if a.data == "utkface" else n_ids * per_id  # paper A train split
         epoch = max(1, n_train // c.batch_size)
-        c.total_steps = 3 if small else (500 * epoch if not cpu else 40 * epoch)
+        c.total_steps = 3 if small else (500 * epoch if not cpu else 15 * epoch)
         c.eval_every = 3 if small else epoch * (1 if cpu else 1)
         c.ckpt_every = c.eval_every
         c.early_stopping = dict(metric="val/loss", patience=a.patience, min_delta=0.0, mode="min")
+        if a.exp == "routed":
+            # Paper A method 2: the binary lighting classifier routes normal faces to the model
+            # trained on clean data and low-light faces to the DistortionFace model.
+            c.task = "attributes_routed"
+            c.routing = dict(lighting_from=a.lighting_from,
+                             experts={"0": a.normal_from, "1": a.low_from})
+            del c["evals"]["val"]
     else:
         c.best_metric = "val/acc"
         c.total_steps = 3 if small else 300 if cpu else 5000

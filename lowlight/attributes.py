@@ -194,3 +194,72 @@ def write_table(workdir: str, step: int, name: str, text: str) -> None:
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, f"{name}.md"), "w") as f:
         f.write(text)
+
+
+# ------------------------------------------------------------------------------ routing
+def _load_run(workdir: str):
+    """(model, variables, config dict) of a finished run, from its config.json + checkpoint."""
+    import json
+
+    from lowlight import checkpoint as ckpt_lib
+    from lowlight import models
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"routing: {workdir!r} is not a lowlight run (no config.json)")
+    with open(path) as f:
+        cfg = json.load(f)
+    model = models.create(cfg["model"]["name"], **cfg["model"].get("kwargs", {}))
+    params, batch_stats, _ = ckpt_lib.load_weights(workdir)
+    return model, {"params": params, "batch_stats": batch_stats}, cfg
+
+
+def run_routed(config, workdir: str) -> dict:
+    """Paper A's method 2, evaluated as one model: the lighting classifier labels each test face
+    and sends it to the attribute model trained for that condition (`config.routing.experts`:
+    class index of the classifier → that model's run directory). Writes metrics.jsonl (step 0)
+    and a Markdown table; no training."""
+    from lowlight.metric_writer import MetricWriter
+
+    light_model, light_vars, light_cfg = _load_run(config.routing.lighting_from)
+    experts = {int(k): _load_run(v) for k, v in config.routing.experts.items()}
+    n_classes = light_cfg["model"]["kwargs"].get("num_classes", 2)
+    missing = [c for c in range(n_classes) if c not in experts]
+    if missing:
+        raise ValueError(f"routing.experts has no model for classifier classes {missing}; "
+                         f"the classifier has {n_classes} classes")
+    light_fn = _ModelFn(light_model)
+    writer = MetricWriter(workdir)
+    results, lines = {}, ["| test set | routed age MAE | gender acc | ethnicity acc | "
+                          "classifier acc (simulated = low) |", "|---|---:|---:|---:|---:|"]
+    for name, ev_cfg in config.evals.items():
+        ev = AttributeEvaluator(name, ev_cfg, experts[0][0], config.get("task_cfg", {}))
+        route = np.concatenate([np.argmax(light_fn(light_vars, ev.images[i:i + 256]), -1)
+                                for i in range(0, len(ev.images), 256)])
+        outs = {c: AttributeEvaluator.outputs(_with_fn(ev, m), v)
+                for c, (m, v, _) in experts.items()}
+        routed = {k: np.stack([outs[int(r)][k][i] for i, r in enumerate(route)])
+                  for k in outs[0]}
+        res = ev.score(routed)
+        truth = (ev.conditions == cond.LOW).astype(int)
+        res[f"{name}/lighting_acc"] = float(np.mean((route > 0).astype(int) == truth))
+        for c in experts:
+            res[f"{name}/routed_to_{c}"] = float(np.mean(route == c))
+        results.update(res)
+        lines.append(f"| {name} | {res[f'{name}/age_mae']:.2f} | {res[f'{name}/gender_acc']:.3f}"
+                     f" | {res[f'{name}/ethnicity_acc']:.3f} | {res[f'{name}/lighting_acc']:.3f} |")
+    writer.write(0, results)
+    writer.close()
+    if jax.process_index() == 0:
+        write_table(workdir, 0, "routed", "# Routed attributes (paper A method 2)\n\n"
+                    + "\n".join(lines) + "\n")
+    return results
+
+
+def _with_fn(ev: AttributeEvaluator, model) -> AttributeEvaluator:
+    """A shallow copy of `ev` whose forward pass is `model`'s (same cached images)."""
+    import copy
+
+    other = copy.copy(ev)
+    other.fn = _ModelFn(model)
+    return other

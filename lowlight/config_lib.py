@@ -27,6 +27,7 @@ TASKS: dict[str, str] = {
     "skin_seg": "lowlight.train_supervised:train_and_evaluate",
     "attributes": "lowlight.train_supervised:train_and_evaluate",
     "lighting": "lowlight.train_supervised:train_and_evaluate",
+    "attributes_routed": "lowlight.attributes:run_routed",
 }
 
 # Config keys that may differ between a run and its resumption without counting as a

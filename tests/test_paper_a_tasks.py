@@ -70,3 +70,25 @@ def test_lighting_classifier_runs(tmp_path, labels, classes):
     assert 0.0 <= last["val/acc"] <= 1.0
     cfg = json.load(open(os.path.join(wd, "config.json")))
     assert cfg["model"]["kwargs"]["num_classes"] == classes
+
+
+def test_routed_method_uses_the_classifier_and_the_experts(tmp_path):
+    """Paper A method 2 as one model. With the same attribute run as both experts, the routed
+    predictions must equal that model's own, whatever the routing."""
+    wd_l, wd_a, wd_r = (str(tmp_path / n) for n in ("light", "attr", "routed"))
+    ll_main.run(_config("smoke,exp=lighting,labels=binary"), wd_l)
+    c = _config("smoke,train=natural")
+    c.evals = {"test_natural": c.evals.test_natural}
+    own = ll_main.run(c, wd_a)
+    r = _config(f"smoke,exp=routed,lighting_from={wd_l},normal_from={wd_a},low_from={wd_a}")
+    r.evals = {"test_natural": r.evals.test_natural}
+    res = ll_main.run(r, wd_r)
+    for m in ("age_mae", "gender_acc", "ethnicity_acc"):
+        np.testing.assert_allclose(res[f"test_natural/{m}"], own[f"test_natural/{m}"],
+                                   rtol=1e-5)
+    assert res["test_natural/routed_to_0"] + res["test_natural/routed_to_1"] == 1.0
+    assert 0.0 <= res["test_natural/lighting_acc"] <= 1.0
+    assert os.path.exists(os.path.join(wd_r, "eval", "0", "routed.md"))
+    with pytest.raises(FileNotFoundError, match="not a lowlight run"):
+        ll_main.run(_config(f"smoke,exp=routed,lighting_from={tmp_path}/nope"),
+                    str(tmp_path / "bad"))

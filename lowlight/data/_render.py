@@ -109,12 +109,16 @@ def noise_bank(size: int) -> dict[str, np.ndarray]:
     return {"camera": np.ascontiguousarray(g[:3]), "skin": skin, "hair": hair, "bg": bg}
 
 
-def _windows(plane: np.ndarray, fy: np.ndarray, fx: np.ndarray, size: int) -> np.ndarray:
-    """Per-image (size, size) windows of a bank plane at offsets given as fractions in [0, 1)."""
+def _windows(plane: np.ndarray, fy: np.ndarray, fx: np.ndarray, size: int,
+             box: tuple[slice, slice] | None = None) -> np.ndarray:
+    """Per-image (size, size) windows of a bank plane at offsets given as fractions in [0, 1)
+    (only their (rows, cols) `box` part when given)."""
     span = plane.shape[-1] - size
-    oy = (fy.astype(np.float64) * span).astype(np.int64)
-    ox = (fx.astype(np.float64) * span).astype(np.int64)
-    return np.stack([plane[..., a:a + size, b:b + size] for a, b in zip(oy, ox)])
+    oy = (fy.astype(np.float64) * span).astype(np.int64).tolist()
+    ox = (fx.astype(np.float64) * span).astype(np.int64).tolist()
+    rs, cs = box or (slice(0, size), slice(0, size))
+    return np.stack([plane[..., a + rs.start:a + rs.stop, b + cs.start:b + cs.stop]
+                     for a, b in zip(oy, ox)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,25 +162,19 @@ def _lerp(A, m, c):
 # Boxes: local features are computed only where they can be non-zero
 # ---------------------------------------------------------------------------------------------
 
-def _boxes(P: dict[str, np.ndarray], size: int, regions: dict) -> dict[str, tuple]:
-    """Pixel (rows, cols) slices covering each frontal-frame region in every image of the chunk.
+def _pixel_bounds(f: dict[str, np.ndarray], size: int, regions: dict) -> np.ndarray:
+    """Per-image pixel bounds (4, B, K) = (r0, r1, c0, c1) covering each frontal-frame region.
 
-    `regions[name] = (du_lo, du_hi, v_lo, v_hi)` ((B,) arrays; du = u0 - midline; du_lo None
-    means all columns). Features are exactly zero outside their region, and a region is mapped
-    forward conservatively (yaw on its visible branch, then roll/scale/offset, plus a 2-pixel
-    margin), so computing a feature inside the box only gives the same pixels as computing it
-    everywhere: the union over the chunk just saves work, it cannot change a result.
+    `f`: float64 parameters; `regions[name] = (du_lo, du_hi, v_lo, v_hi)` ((B,) arrays; du =
+    u0 - midline; du_lo and du_hi NaN: all columns). Features are exactly zero outside their
+    region, and a region is mapped forward conservatively (yaw on its visible branch, then roll/scale/offset, a 1-unit margin
+    against rounding, then whole pixels plus one), so computing a feature inside the box only
+    gives the same pixels as computing it everywhere: a box (or the union of a chunk's boxes)
+    just saves work, it cannot change a result.
     """
-    if FULL_FRAME_BOXES:
-        return {n: (slice(0, size), slice(0, size)) for n in regions}
-    f8 = lambda k: P[k].astype(np.float64)[:, None]
-    s, c, sn = f8("scale"), f8("roll_c"), f8("roll_s")
-    ox, oy, yc, ys, R, dl = f8("off_x"), f8("off_y"), f8("yaw_c"), f8("yaw_s"), f8("head_r"), \
-        f8("delta")
-    names = list(regions)
-    nan = np.full(len(s), np.nan)
-    vals = np.array([[nan if x is None else x for x in regions[n]] for n in names],
-                    np.float64).transpose(1, 2, 0)  # (4, B, K)
+    s, c, sn, ox, oy, yc, ys, R, dl = (f[k][:, None] for k in (
+        "scale", "roll_c", "roll_s", "off_x", "off_y", "yaw_c", "yaw_s", "head_r", "delta"))
+    vals = np.array(list(regions.values())).transpose(1, 2, 0)  # (4, B, K)
     has_cols = ~np.isnan(vals[0])
     lo_u, hi_u = np.where(has_cols, vals[0], 0.0), np.where(has_cols, vals[1], 0.0)
     lo_v, hi_v = vals[2] - C0 - 1.0, vals[3] - C0 + 1.0
@@ -192,27 +190,58 @@ def _boxes(P: dict[str, np.ndarray], size: int, regions: dict) -> dict[str, tupl
     # rows-only regions: every column; rows where v in [lo, hi] at either image edge
     edge = (-C0 - ox, TEMPLATE - C0 - ox)
     yr = [C0 + oy + (s * dv + sn * X) / c for dv in (lo_v, hi_v) for X in edge]
-    y_lo = np.where(ok, np.min(ys_, 0), np.min(yr, 0)).min(0)
-    y_hi = np.where(ok, np.max(ys_, 0), np.max(yr, 0)).max(0)
-    x_lo = np.where(ok, np.min(xs, 0), -np.inf).min(0)
-    x_hi = np.where(ok, np.max(xs, 0), np.inf).max(0)
     k = size / TEMPLATE
-    r0 = _clip(np.floor(y_lo * k) - 2, 0, size).astype(int).tolist()
-    r1 = _clip(np.ceil(y_hi * k) + 3, 0, size).astype(int).tolist()
-    c0 = _clip(np.floor(np.where(np.isfinite(x_lo), x_lo * k, 0)) - 2, 0, size).astype(int)
-    c1 = _clip(np.ceil(np.where(np.isfinite(x_hi), x_hi * k, size)) + 3, 0, size).astype(int)
-    return {n: (slice(r0[j], max(r0[j], r1[j])), slice(c0[j], max(c0[j], c1[j])))
-            for j, n in enumerate(names)}
+    y_lo = np.where(ok, np.min(ys_, 0), np.min(yr, 0)) * k
+    y_hi = np.where(ok, np.max(ys_, 0), np.max(yr, 0)) * k
+    x_lo = np.where(ok, np.min(xs, 0) * k, 0.0)
+    x_hi = np.where(ok, np.max(xs, 0) * k, size)
+    return _clip(np.stack([np.floor(y_lo) - 1, np.ceil(y_hi) + 2, np.floor(x_lo) - 1,
+                           np.ceil(x_hi) + 2]), 0, size).astype(np.int64)
 
 
-_REGION_KEYS = ("scale", "eye_y", "nose_y", "mouth_y", "face_w", "hair_rx", "hair_ry", "hair_cy",
-                "hair_bottom", "long", "long_len", "roll_c", "roll_s", "off_x", "off_y", "ear_h",
-                "ear_w", "ear_y", "eye_w", "eye_h", "eye_tilt", "eye_dx", "brow_len", "brow_gap",
-                "brow_raise", "brow_arch", "brow_th", "nose_w", "mouth_w", "smile", "open",
-                "lip_u", "lip_l", "face_top", "chin_y", "jaw_taper", "beard_top", "cloth_y")
+def _chunk_boxes(P: dict[str, np.ndarray], size: int, chunk: int) -> list[dict[str, tuple]]:
+    """Per chunk of `chunk` consecutive images: name -> (rows, cols) slices of each feature box.
+
+    A chunk's box is the union of its images' boxes; a feature whose strength is 0 in every
+    image of the chunk (wrinkles, beard) gets no box and is skipped (exactly 0 anyway).
+    """
+    f = dict(zip(_KEYS64, P.rows[_rows(P.keys_)].astype(np.float64)))
+    regions = _regions(f, size)
+    starts = np.arange(0, len(f["scale"]), chunk)
+    r0, r1, c0, c1 = _pixel_bounds(f, size, regions)
+    lo, hi = np.minimum.reduceat, np.maximum.reduceat
+    r0, c0 = lo(r0, starts).tolist(), lo(c0, starts).tolist()
+    r1, c1 = hi(r1, starts).tolist(), hi(c1, starts).tolist()
+    wrinkles = hi(P["wrinkle"] > 0, starts).tolist()
+    beards = hi(np.maximum(P["beard"], P["moustache"]) > 0, starts).tolist()
+    full = (slice(0, size), slice(0, size))
+    out = []
+    for j in range(len(starts)):
+        box = {n: full if FULL_FRAME_BOXES else
+               (slice(r0[j][i], max(r0[j][i], r1[j][i])), slice(c0[j][i], max(c0[j][i], c1[j][i])))
+               for i, n in enumerate(regions)}
+        if not wrinkles[j]:
+            del box["fore"], box["fold"]
+        if not beards[j]:
+            del box["beard"]
+        out.append(box)
+    return out
 
 
-def _regions(P: dict[str, np.ndarray], size: int) -> dict[str, tuple]:
+_KEYS64 = ("scale", "roll_c", "roll_s", "off_x", "off_y", "yaw_c", "yaw_s", "head_r", "delta",
+           "eye_y", "nose_y", "mouth_y", "face_w", "hair_rx", "hair_ry", "hair_cy", "hair_bottom",
+           "long", "long_len", "ear_h", "ear_w", "ear_y", "eye_w", "eye_h", "eye_tilt", "eye_dx",
+           "brow_len", "brow_gap", "brow_raise", "brow_arch", "brow_th", "nose_w", "mouth_w",
+           "smile", "open", "lip_u", "lip_l", "face_top", "chin_y", "jaw_taper", "beard_top",
+           "cloth_y")  # the parameters the boxes need, as float64
+
+
+@functools.lru_cache(maxsize=8)
+def _rows(keys: tuple[str, ...]) -> list[int]:
+    return [keys.index(k) for k in _KEYS64]
+
+
+def _regions(f: dict[str, np.ndarray], size: int) -> dict[str, tuple]:
     """Frontal-frame region of each local feature, outside which it is exactly 0 (see `_boxes`).
 
     Bounds are the features' exact supports in template units *including their soft edges*,
@@ -222,12 +251,12 @@ def _regions(P: dict[str, np.ndarray], size: int) -> dict[str, tuple]:
     `_bump` strictly inside its ellipse. Mirror any change to a feature here;
     tests/test_synthetic.py checks the boxes against full frames at several sizes.
     """
-    f = {k: P[k].astype(np.float64) for k in _REGION_KEYS}
     w = TEMPLATE / (size * f["scale"])
     sqrt, lo, hi = np.sqrt, np.minimum, np.maximum
     ey, ny, my, fw, nw, mw = (f[k] for k in ("eye_y", "nose_y", "mouth_y", "face_w", "nose_w",
                                              "mouth_w"))
-    none, zero = (None, None), ey * 0
+    zero = ey * 0
+    none = (zero + np.nan, zero + np.nan)
     # hair outline (ellipse cut at hair_bottom), long hair (its end a ramp with iw / 4)
     rx, ry = f["hair_rx"], f["hair_ry"]
     hair = (f["hair_cy"] - ry * sqrt(1 + w / lo(rx, ry)),
@@ -265,7 +294,9 @@ def _regions(P: dict[str, np.ndarray], size: int) -> dict[str, tuple]:
     beard = (lo(f["beard_top"] - 0.012 * (fw * fw + w * fw) - w, ny + 2.5 - w / 2),
              hi(face_bot, my + w / 2))
     fold_u = nw + 3.25 + 0.35 * (my + 6 + w / 2 - ny)  # xf at the lowest v, + 1.25
+    face_u = sqrt(fw * fw + w * fw)
     regions = {
+        "face": (-face_u, face_u, mid - hh * sqrt(1 + w / fw), face_bot),
         "hair": (*none, *hair),
         "neck": (*none, ey + 25 - w / 2, zero + 1e4),
         "cloth": (*none, f["cloth_y"] - 0.35 * hi(u_max - 12, 0) - w / 2, zero + 1e4),
@@ -279,10 +310,6 @@ def _regions(P: dict[str, np.ndarray], size: int) -> dict[str, tuple]:
         "fore": (-(18 + w / 2), 18 + w / 2, mid - hh * sqrt(1 + w / fw), ey - gap - 4 + w / 2),
         "fold": (-fold_u, fold_u, ny - 1 - w / 2, my + 6 + w / 2),
     }
-    if not np.any(P["wrinkle"] > 0):  # (a feature multiplied by 0 is exactly 0: skip it)
-        del regions["fore"], regions["fold"]
-    if not np.any(np.maximum(P["beard"], P["moustache"]) > 0):
-        del regions["beard"]
     return regions
 
 
@@ -320,17 +347,35 @@ CANON_AMBIENT = 0.35  # canonical light: ambient + frontal white directional, no
 CANON_INTENSITY = 0.75
 
 
-def render(keys: Sequence[str], M: np.ndarray, size: int, *, clutter: bool = True,
-           out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """Renders a batch whose parameters are the float32 matrix M (B, K), columns named `keys`.
+def render(keys: Sequence[str], M: np.ndarray, size: int, *, chunk: int = 1,
+           clutter: bool = True, out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Renders a batch whose parameters are the float32 matrix M (N, K), columns named `keys`.
 
-    Returns image (B,H,W,3) uint8, canonical (B,H,W,3) uint8, skin_mask (B,H,W) float32,
-    written into the arrays of `out` when given (saves a copy of every output).
+    `chunk` images are rendered per vectorised pass (per-batch work, such as the feature boxes,
+    is done once for all). Returns image (N,H,W,3) uint8, canonical (N,H,W,3) uint8, skin_mask
+    (N,H,W) float32, written into the arrays of `out` when given (saves a copy of every output).
     """
-    B = M.shape[0]
+    n = M.shape[0]
+    if out is None:
+        out = {"image": np.empty((n, size, size, 3), np.uint8),
+               "canonical": np.empty((n, size, size, 3), np.uint8),
+               "skin_mask": np.empty((n, size, size), np.float32)}
+    if n == 0:
+        return out
     keys = tuple(keys)
     pos = _positions(keys)
-    cols = np.ascontiguousarray(M.T)
+    cols = np.ascontiguousarray(M.T, dtype=_F)  # (K, N): one row per parameter
+    boxes = _chunk_boxes(_Columns(keys, pos, cols), size, chunk)
+    for s, box in zip(range(0, n, chunk), boxes):
+        _render_chunk(keys, pos, cols[:, s:s + chunk], size, box, clutter,
+                      {k: v[s:s + chunk] for k, v in out.items()})
+    return out
+
+
+def _render_chunk(keys: tuple[str, ...], pos: dict[str, int], cols: np.ndarray, size: int,
+                  box: dict[str, tuple], clutter: bool, out: dict[str, np.ndarray]) -> None:
+    """Renders one chunk: parameter rows `cols` (K, B), feature boxes `box`, into `out`."""
+    B = cols.shape[1]
     P = _Columns(keys, pos, cols)  # name -> (B,) parameter
     cols = cols.reshape(len(keys), B, 1, 1)
     p = _Columns(keys, pos, cols)  # name -> (B,1,1), broadcasts over (B,H,W)
@@ -367,8 +412,6 @@ def render(keys: Sequence[str], M: np.ndarray, size: int, *, clutter: bool = Tru
     if clutter:
         _clutter(A, P, t, size)
 
-    box = _boxes(P, size, _regions(P, size))
-
     # --- hair behind the head: its outline (the part over the face is drawn last) -------------
     hair_tex = _windows(bank["hair"], P["strand_oy"], P["strand_ox"], size)
     hair_col = lambda tex: rgb("hair") * (_F(0.7) + _F(0.45) * _clip(tex + 1, 0, 2.5))[:, None]
@@ -404,16 +447,19 @@ def render(keys: Sequence[str], M: np.ndarray, size: int, *, clutter: bool = Tru
     _lerp(e.A, em, rgb("skin") * _F(0.92))
     e.skin += em * (1 - e.skin)
     np.maximum(e.h, em * (p["face_depth"] * _F(0.2)), out=e.h)
-    taper = _clip((v - p["jaw_y"]) / (p["chin_y"] - p["jaw_y"]), 0, 1)
+    face = np.zeros((B, size, size), _F)
+    f = _View(box["face"], A=A, du0=du0, v=v, skin=skin, h=h, face=face)
+    taper = _clip((f.v - p["jaw_y"]) / (p["chin_y"] - p["jaw_y"]), 0, 1)
     half_w = p["face_w"] * (1 - p["jaw_taper"] * taper * taper)
-    fdu = du0 / half_w
-    fdv = (v - (p["face_top"] + p["chin_y"]) * _F(0.5)) / ((p["chin_y"] - p["face_top"]) * _F(0.5))
+    fdu = f.du0 / half_w
+    fdv = (f.v - (p["face_top"] + p["chin_y"]) * _F(0.5)) / ((p["chin_y"] - p["face_top"])
+                                                            * _F(0.5))
     fr2 = fdu * fdu + fdv * fdv
-    face = _ramp((1 - fr2) * (half_w * _F(0.5)), iw)
-    stex = _windows(bank["skin"], P["tex_oy"], P["tex_ox"], size)
-    _lerp(A, face, rgb("skin") * (1 + p["tex_amp"] * stex)[:, None])
-    skin += face * (1 - skin)
-    h = np.maximum(h, p["face_depth"] * np.sqrt(_clip(1 - fr2, 0, 1)))
+    f.face[...] = _ramp((1 - fr2) * (half_w * _F(0.5)), iw)
+    stex = _windows(bank["skin"], P["tex_oy"], P["tex_ox"], size, box["face"])
+    _lerp(f.A, f.face, rgb("skin") * (1 + p["tex_amp"] * stex)[:, None])
+    f.skin += f.face * (1 - f.skin)
+    np.maximum(f.h, p["face_depth"] * np.sqrt(_clip(1 - fr2, 0, 1)), out=f.h)
     D = np.ones((B, size, size), _F)  # multiplicative darkening (pupils, lashes, creases, ...)
 
     # --- cheeks: relief and blush; chin -----------------------------------------------------------
@@ -516,7 +562,10 @@ def render(keys: Sequence[str], M: np.ndarray, size: int, *, clutter: bool = Tru
             * p["brow_dens"]) * _clip(_F(0.8) + _F(0.3) * e.hair_tex, 0, 1)
     _lerp(e.A, brow, hair_col(e.hair_tex) * _F(0.85))
     e.skin *= 1 - brow
-    A *= D[:, None]
+    dark = [box[k] for k in ("nose", "mouth", "eyes", "fore", "fold") if k in box]
+    rs = slice(min(b[0].start for b in dark), max(b[0].stop for b in dark))
+    cs = slice(min(b[1].start for b in dark), max(b[1].stop for b in dark))
+    A[..., rs, cs] *= D[:, None, rs, cs]  # (D is 1 outside those boxes)
 
     # --- hair over the face: cap above the hairline (jagged fringe), side locks ----------------
     hb = _View(box["hair"], A=A, du0=du0, adu=adu, v=v, skin=skin)
@@ -553,10 +602,6 @@ def render(keys: Sequence[str], M: np.ndarray, size: int, *, clutter: bool = Tru
     g_e = (A[:, 1] * light + spec) * (p["col_g"] * p["exposure"] * p["fw"])
     sig = np.sqrt(g_e + p["read"] * p["read"]) * (p["noise"] * p["gain"] / p["fw"])
     noise = _windows(bank["camera"], P["n_oy"], P["n_ox"], size)
-    if out is None:
-        out = {"image": np.empty((B, size, size, 3), np.uint8),
-               "canonical": np.empty((B, size, size, 3), np.uint8),
-               "skin_mask": np.empty((B, size, size), np.float32)}
     image, canonical = out["image"], out["canonical"]
     canon = _F(CANON_AMBIENT) + _F(CANON_INTENSITY) * inv  # frontal light: n.l = n_z
     light *= p["exposure"] * p["gain"]
@@ -569,7 +614,6 @@ def render(keys: Sequence[str], M: np.ndarray, size: int, *, clutter: bool = Tru
         _quantise(y, image[..., ch])
         _quantise(A[:, ch] * canon, canonical[..., ch])
     _clip(skin, _F(0.0), _F(1.0), out=out["skin_mask"])
-    return out
 
 
 _CLUTTER_FIELDS = ("on", "x0", "x1", "y0", "y1", "r", "g", "b", "soft")

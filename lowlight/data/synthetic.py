@@ -522,10 +522,8 @@ class SynthFaces:
         if n:
             keys = list(samples[0][0])
             M = np.array([[p[k] for k in keys] for p, _, _ in samples], np.float32)
-            chunk = max(1, _CHUNK_PIXELS // (self.size * self.size))
-            for s in range(0, n, chunk):
-                _render.render(keys, M[s:s + chunk], self.size, clutter=self.options["clutter"],
-                               out={k: v[s:s + chunk] for k, v in res.items()})
+            _render.render(keys, M, self.size, chunk=max(1, _CHUNK_PIXELS // self.size ** 2),
+                           clutter=self.options["clutter"], out=res)
         lm = np.array([lm for _, lm, _ in samples], np.float64).reshape(n, 5, 2)
         res["landmarks"] = (lm * (self.size / _render.TEMPLATE)).astype(np.float32)
         for j, key in enumerate(("identity", "age", "gender", "ethnicity")):
