@@ -109,16 +109,16 @@ def noise_bank(size: int) -> dict[str, np.ndarray]:
     return {"camera": np.ascontiguousarray(g[:3]), "skin": skin, "hair": hair, "bg": bg}
 
 
-def _windows(plane: np.ndarray, fy: np.ndarray, fx: np.ndarray, size: int,
+def _windows(plane: np.ndarray, oy: list[int], ox: list[int], size: int,
              box: tuple[slice, slice] | None = None) -> np.ndarray:
-    """Per-image (size, size) windows of a bank plane at offsets given as fractions in [0, 1)
-    (only their (rows, cols) `box` part when given)."""
-    span = plane.shape[-1] - size
-    oy = (fy.astype(np.float64) * span).astype(np.int64).tolist()
-    ox = (fx.astype(np.float64) * span).astype(np.int64).tolist()
+    """Per-image (size, size) windows of a bank plane at pixel offsets (oy, ox) (only their
+    (rows, cols) `box` part when given)."""
     rs, cs = box or (slice(0, size), slice(0, size))
     return np.stack([plane[..., a + rs.start:a + rs.stop, b + cs.start:b + cs.stop]
                      for a, b in zip(oy, ox)])
+
+
+_WINDOWS = ("bg_oy", "bg_ox", "strand_oy", "strand_ox", "tex_oy", "tex_ox", "n_oy", "n_ox")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,10 +167,10 @@ def _pixel_bounds(f: dict[str, np.ndarray], size: int, regions: dict) -> np.ndar
 
     `f`: float64 parameters; `regions[name] = (du_lo, du_hi, v_lo, v_hi)` ((B,) arrays; du =
     u0 - midline; du_lo and du_hi NaN: all columns). Features are exactly zero outside their
-    region, and a region is mapped forward conservatively (yaw on its visible branch, then roll/scale/offset, a 1-unit margin
-    against rounding, then whole pixels plus one), so computing a feature inside the box only
-    gives the same pixels as computing it everywhere: a box (or the union of a chunk's boxes)
-    just saves work, it cannot change a result.
+    region, and a region is mapped forward conservatively (yaw on its visible branch, then
+    roll/scale/offset, a 1-unit margin against rounding, then whole pixels plus one), so
+    computing a feature inside the box only gives the same pixels as computing it everywhere: a
+    box (or the union of a chunk's boxes) just saves work, it cannot change a result.
     """
     s, c, sn, ox, oy, yc, ys, R, dl = (f[k][:, None] for k in (
         "scale", "roll_c", "roll_s", "off_x", "off_y", "yaw_c", "yaw_s", "head_r", "delta"))
@@ -205,7 +205,7 @@ def _chunk_boxes(P: dict[str, np.ndarray], size: int, chunk: int) -> list[dict[s
     A chunk's box is the union of its images' boxes; a feature whose strength is 0 in every
     image of the chunk (wrinkles, beard) gets no box and is skipped (exactly 0 anyway).
     """
-    f = dict(zip(_KEYS64, P.rows[_rows(P.keys_)].astype(np.float64)))
+    f = dict(zip(_KEYS64, P.rows[_rows(P.keys_, _KEYS64)].astype(np.float64)))
     regions = _regions(f, size)
     starts = np.arange(0, len(f["scale"]), chunk)
     r0, r1, c0, c1 = _pixel_bounds(f, size, regions)
@@ -236,9 +236,10 @@ _KEYS64 = ("scale", "roll_c", "roll_s", "off_x", "off_y", "yaw_c", "yaw_s", "hea
            "cloth_y")  # the parameters the boxes need, as float64
 
 
-@functools.lru_cache(maxsize=8)
-def _rows(keys: tuple[str, ...]) -> list[int]:
-    return [keys.index(k) for k in _KEYS64]
+@functools.lru_cache(maxsize=32)
+def _rows(keys: tuple[str, ...], names: tuple[str, ...]) -> list[int]:
+    """Rows of the parameters `names` in a parameter matrix with columns `keys`."""
+    return [keys.index(k) for k in names]
 
 
 def _regions(f: dict[str, np.ndarray], size: int) -> dict[str, tuple]:
@@ -403,7 +404,9 @@ def _render_chunk(keys: tuple[str, ...], pos: dict[str, int], cols: np.ndarray, 
     ey, ny, my = p["eye_y"], p["nose_y"], p["mouth_y"]
 
     # --- background: colour x (gradient, blurred texture); clutter rectangles -------------------
-    bgt = _windows(bank["bg"], P["bg_oy"], P["bg_ox"], size)  # (B,2,H,W)
+    # window offsets into the bank (side 2 size), from fractions in [0, 1)
+    win = (P.rows[_rows(keys, _WINDOWS)].astype(np.float64) * size).astype(np.int64).tolist()
+    bgt = _windows(bank["bg"], win[0], win[1], size)  # (B,2,H,W)
     # (albedo stays >= 0 from here on: every later layer is a convex mix or a factor in [0, 1])
     lum = np.maximum((1 + p["bg_grad"] * (yg - C0) * _F(1 / C0)) * (1 + p["bg_tex"] * bgt[:, 0]),
                      _F(0.0))
@@ -413,7 +416,7 @@ def _render_chunk(keys: tuple[str, ...], pos: dict[str, int], cols: np.ndarray, 
         _clutter(A, P, t, size)
 
     # --- hair behind the head: its outline (the part over the face is drawn last) -------------
-    hair_tex = _windows(bank["hair"], P["strand_oy"], P["strand_ox"], size)
+    hair_tex = _windows(bank["hair"], win[2], win[3], size)
     hair_col = lambda tex: rgb("hair") * (_F(0.7) + _F(0.45) * _clip(tex + 1, 0, 2.5))[:, None]
     hb = _View(box["hair"], A=A, u0=u0, adu=adu, v=v, tex=hair_tex)
     hm, hr2 = _ellipse(hb.u0, hb.v, C0, p["hair_cy"], p["hair_rx"], p["hair_ry"], iw)
@@ -456,7 +459,7 @@ def _render_chunk(keys: tuple[str, ...], pos: dict[str, int], cols: np.ndarray, 
                                                             * _F(0.5))
     fr2 = fdu * fdu + fdv * fdv
     f.face[...] = _ramp((1 - fr2) * (half_w * _F(0.5)), iw)
-    stex = _windows(bank["skin"], P["tex_oy"], P["tex_ox"], size, box["face"])
+    stex = _windows(bank["skin"], win[4], win[5], size, box["face"])
     _lerp(f.A, f.face, rgb("skin") * (1 + p["tex_amp"] * stex)[:, None])
     f.skin += f.face * (1 - f.skin)
     np.maximum(f.h, p["face_depth"] * np.sqrt(_clip(1 - fr2, 0, 1)), out=f.h)
@@ -601,7 +604,7 @@ def _render_chunk(keys: tuple[str, ...], pos: dict[str, int], cols: np.ndarray, 
     # Shot-noise std comes from the green channel's electron count (per-channel would cost 3x).
     g_e = (A[:, 1] * light + spec) * (p["col_g"] * p["exposure"] * p["fw"])
     sig = np.sqrt(g_e + p["read"] * p["read"]) * (p["noise"] * p["gain"] / p["fw"])
-    noise = _windows(bank["camera"], P["n_oy"], P["n_ox"], size)
+    noise = _windows(bank["camera"], win[6], win[7], size)
     image, canonical = out["image"], out["canonical"]
     canon = _F(CANON_AMBIENT) + _F(CANON_INTENSITY) * inv  # frontal light: n.l = n_z
     light *= p["exposure"] * p["gain"]

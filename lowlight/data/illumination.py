@@ -35,10 +35,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import cv2
 import numpy as np
 
 from lowlight.data import conditions as cond
@@ -558,252 +557,20 @@ def apply_protocol(image: np.ndarray, rng: np.random.Generator,
     return (out, name, params) if return_params else (out, name)
 
 
-# ---------------------------------------------------------------------------------------------
-# Dataset wrappers
-# ---------------------------------------------------------------------------------------------
+# Re-exports: the dataset wrappers and the enhancement baselines live in their own files.
+from lowlight.data.enhance import (  # noqa: E402
+    ENHANCERS,
+    clahe,
+    gamma_correct,
+    multi_scale_retinex,
+    no_enhancement,
+)
+from lowlight.data.illumination_sets import (  # noqa: E402
+    DistortionFace,
+    IlluminationProtocol,
+    NaturalFace,
+    exact_counts,
+)
 
-
-def exact_counts(n: int, fractions: Sequence[float]) -> np.ndarray:
-    """Splits n items into len(fractions) integer counts by largest remainder (sum == n)."""
-    f = np.asarray(fractions, np.float64) * n
-    counts = np.floor(f).astype(np.int64)
-    order = np.argsort(-(f - counts), kind="stable")
-    counts[order[: n - counts.sum()]] += 1
-    return counts
-
-
-class _Wrapper:
-    """Random-access view over `source` (items: dicts with an 'image' key)."""
-
-    _salt = 0  # distinguishes the wrappers' random streams for the same seed
-
-    def __init__(self, source: Any, seed: int = 0):
-        if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
-            raise TypeError(f"source: expected a random-access source with __len__ and "
-                            f"__getitem__, got {type(source).__name__}")
-        seed = operator.index(seed)
-        if seed < 0:
-            raise ValueError(f"seed: expected a non-negative integer, got {seed}")
-        self.source = source
-        self.seed = seed
-        self._len = len(source)
-
-    def __len__(self) -> int:
-        return self._len
-
-    def _index(self, i: Any) -> int:
-        i = operator.index(i)
-        if not -self._len <= i < self._len:
-            raise IndexError(f"index {i} out of range for {type(self).__name__} of length "
-                             f"{self._len}")
-        return i % self._len
-
-    def _rng(self, *keys: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self._salt, *keys])
-
-    def _item(self, i: int) -> dict[str, Any]:
-        item = self.source[i]
-        if not isinstance(item, Mapping) or "image" not in item:
-            raise TypeError(f"source[{i}]: expected a dict with an 'image' key, got "
-                            f"{type(item).__name__}")
-        return dict(item)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(len={self._len}, seed={self.seed})"
-
-
-class DistortionFace(_Wrapper):
-    """Paper A's DistortionFace: every image of `source` through the simulate module.
-
-    Items gain `simulated=True` and `condition='low'`. `**ranges` are passed to
-    `simulate_low_light` (defaults SIMULATE_RANGES). Deterministic per (seed, index); picklable.
-    """
-
-    _salt = 1
-
-    def __init__(self, source: Any, seed: int = 0, **ranges: Any):
-        super().__init__(source, seed)
-        sample_simulate_params(np.random.default_rng(0), **ranges)  # validate now, not in workers
-        self.ranges = dict(ranges)
-
-    def is_simulated(self, i: int) -> bool:
-        self._index(i)
-        return True
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        i = self._index(i)
-        item = self._item(i)
-        if self.is_simulated(i):
-            item["image"] = simulate_low_light(item["image"], self._rng(i), **self.ranges)
-            item["simulated"], item["condition"] = True, cond.LOW
-        else:
-            item["simulated"] = False
-            item["condition"] = cond.check(item.get("condition", cond.NORMAL))
-        return item
-
-
-class NaturalFace(DistortionFace):
-    """Paper A's NaturalFace: exactly half of `source` (floor(N / 2) items) simulated.
-
-    Which half is a seeded permutation of the indices, so the proportion is exact and the choice
-    is the same in every process. Simulated items get `simulated=True`, `condition='low'`; the
-    others keep the source's `condition` (or 'normal' if it has none) with `simulated=False`.
-    """
-
-    _salt = 2
-
-    def __init__(self, source: Any, seed: int = 0, **ranges: Any):
-        super().__init__(source, seed, **ranges)
-        chosen = self._rng().permutation(self._len)[: self._len // 2]
-        self._simulated = np.zeros(self._len, bool)
-        self._simulated[chosen] = True
-
-    def is_simulated(self, i: int) -> bool:
-        return bool(self._simulated[self._index(i)])
-
-
-class IlluminationProtocol(_Wrapper):
-    """Paper B's custom illumination dataset (§4.2) over `source`, with an exact mix.
-
-    Counts per bucket are `exact_counts(N, mix)` and the side-light count is split equally
-    (± 1) over left/right/top/bottom; conditions are assigned to indices by a seeded permutation.
-    Item i gets its parameters from `sample_condition_params(condition_i, rng(seed, i))` and is
-    tagged `condition=condition_i`. Deterministic per (seed, index); picklable.
-    """
-
-    _salt = 3
-
-    def __init__(self, source: Any, seed: int = 0, mix: Sequence[float] = PAPER_B_MIX,
-                 spec: ProtocolSpec = DEFAULT_PROTOCOL):
-        super().__init__(source, seed)
-        self.mix = _check_mix(mix)
-        self.spec = spec
-        low, side, over = exact_counts(self._len, self.mix)
-        per_side = exact_counts(int(side), [0.25] * 4)
-        names = (cond.LOW, *cond.SIDE_CONDITIONS, cond.OVER)
-        ordered = np.repeat([cond.index(n) for n in names], [low, *per_side, over])
-        self._condition_ids = np.empty(self._len, np.int8)
-        self._condition_ids[self._rng().permutation(self._len)] = ordered
-
-    def condition(self, i: int) -> str:
-        """The condition assigned to item i (without loading or transforming the image)."""
-        return cond.CONDITIONS[self._condition_ids[self._index(i)]]
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        i = self._index(i)
-        item = self._item(i)
-        name = self.condition(i)
-        params = sample_condition_params(name, self._rng(i), self.spec)
-        item["image"] = mixed(item["image"], **params)
-        item["condition"] = name
-        return item
-
-
-# ---------------------------------------------------------------------------------------------
-# Classic enhancement baselines (uint8 in, uint8 out)
-# ---------------------------------------------------------------------------------------------
-
-
-def _per_image(fn: Callable[[np.ndarray], np.ndarray], image: np.ndarray) -> np.ndarray:
-    return np.stack([fn(im) for im in image]) if image.ndim == 4 else fn(image)
-
-
-def clahe(image: np.ndarray, clip_limit: float = 2.0,
-          tile_grid: tuple[int, int] = (8, 8)) -> np.ndarray:
-    """CLAHE on the lightness channel: RGB -> CIELAB (OpenCV 8-bit), CLAHE on L, -> RGB.
-
-    Equalising L only leaves chroma (a, b) untouched, so colours do not shift.
-
-    Args:
-      image: uint8 RGB, (H, W, 3) or (N, H, W, 3).
-      clip_limit: OpenCV clipLimit (> 0); 2.0 is OpenCV's customary value.
-      tile_grid: (rows, cols) of contextual tiles, positive ints.
-    """
-    image = _check_image(image, uint8_only=True)
-    cl = _check_scalar(clip_limit, "clip_limit", 0.0, lo_open=True)
-    if len(tile_grid) != 2 or any(operator.index(t) < 1 for t in tile_grid):
-        raise ValueError(f"tile_grid: expected two positive ints, got {tile_grid!r}")
-    op = cv2.createCLAHE(clipLimit=cl, tileGridSize=tuple(int(t) for t in tile_grid))
-
-    def one(im):
-        lab = cv2.cvtColor(np.ascontiguousarray(im), cv2.COLOR_RGB2LAB)
-        lab[..., 0] = op.apply(np.ascontiguousarray(lab[..., 0]))
-        return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
-
-    return _per_image(one, image)
-
-
-def gamma_correct(image: np.ndarray, gamma: float | None = None) -> np.ndarray:
-    """Gamma correction out = in ** gamma, automatic per image when `gamma` is None.
-
-    Auto: gamma = log(0.5) / log(mean) with mean the image's mean value in [0, 1] (over pixels
-    and channels, clipped to [1/255, 254/255]), which maps the mean to 0.5: a dark image gets
-    gamma < 1 (brightened). Same convention as `gamma`: g > 1 darkens.
-
-    Args:
-      image: uint8 RGB, (H, W, 3) or (N, H, W, 3).
-      gamma: fixed exponent (> 0) or None for the automatic choice.
-    """
-    image = _check_image(image, uint8_only=True)
-    fixed = None if gamma is None else _check_scalar(gamma, "gamma", 0.0, lo_open=True)
-    levels = np.arange(256, dtype=np.float64) / 255.0
-
-    def one(im):
-        g = fixed
-        if g is None:
-            g = math.log(0.5) / math.log(float(np.clip(im.mean() / 255.0, 1 / 255, 254 / 255)))
-        return np.rint(255.0 * levels**g).astype(np.uint8)[im]
-
-    return _per_image(one, image)
-
-
-def multi_scale_retinex(image: np.ndarray, sigmas: Sequence[float] = (15.0, 80.0, 250.0),
-                        percentiles: tuple[float, float] = (1.0, 99.0)) -> np.ndarray:
-    """Multi-scale retinex (MSR; Jobson, Rahman & Woodell 1997), per channel.
-
-    R = mean_s [log(I) - log(G_s * I)] with I = pixel + 1 (so log is finite) and G_s a Gaussian
-    blur of std s pixels (OpenCV, reflected borders). R is mapped back to uint8 by a linear
-    stretch of its [p_lo, p_hi] percentiles (taken jointly over all channels of the image, so
-    channel balance is kept) to [0, 255], clipping outside; an image with no spread in R (e.g.
-    constant) is returned unchanged.
-
-    Args:
-      image: uint8 RGB, (H, W, 3) or (N, H, W, 3).
-      sigmas: Gaussian scales in pixels (> 0); (15, 80, 250) are Jobson et al.'s.
-      percentiles: (low, high) percentiles of the stretch, 0 <= low < high <= 100.
-    """
-    image = _check_image(image, uint8_only=True)
-    if len(sigmas) == 0:
-        raise ValueError("sigmas: expected at least one scale")
-    sig = [_check_scalar(s, f"sigmas[{i}]", 0.0, lo_open=True) for i, s in enumerate(sigmas)]
-    p_lo, p_hi = _check_range(percentiles, "percentiles", 0.0, 100.0)
-    if p_lo >= p_hi:
-        raise ValueError(f"percentiles: expected low < high, got {percentiles!r}")
-
-    def one(im):
-        i = im.astype(np.float32) + 1.0
-        log_i = np.log(i)
-        r = np.zeros_like(i)
-        for s in sig:
-            blur = cv2.GaussianBlur(i, (0, 0), sigmaX=s, sigmaY=s, borderType=cv2.BORDER_REFLECT)
-            r += log_i - np.log(blur)
-        lo, hi = np.percentile(r / len(sig), [p_lo, p_hi])
-        if hi - lo < 1e-6:
-            return im.copy()
-        return np.rint(np.clip((r / len(sig) - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8)
-
-    return _per_image(one, image)
-
-
-def no_enhancement(image: np.ndarray) -> np.ndarray:
-    """Identity baseline: validates a uint8 image and returns a copy."""
-    return _check_image(image, uint8_only=True).copy()
-
-
-#: Enhancement baselines by name: uint8 (H, W, 3) / (N, H, W, 3) -> same, default parameters.
-ENHANCERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "none": no_enhancement,
-    "clahe": clahe,
-    "gamma": gamma_correct,
-    "msr": multi_scale_retinex,
-}
+__all_reexports__ = (ENHANCERS, clahe, gamma_correct, multi_scale_retinex, no_enhancement,
+                     DistortionFace, IlluminationProtocol, NaturalFace, exact_counts)

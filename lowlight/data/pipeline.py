@@ -36,9 +36,8 @@ def make_source(cfg):
     """Random-access source for a data config (`cfg.name` + its options), wrapped by paper A's
     simulate module when `cfg.variant` is 'distortion' (every image) or 'natural' (half)."""
     if cfg.name == "synth":
-        from lowlight.data.synthetic import SynthFaces
-
         from lowlight.config_lib import to_dict
+        from lowlight.data.synthetic import SynthFaces
 
         extra = to_dict(cfg.get("synth", {}) or {})
         src = SynthFaces(seed=cfg.seed, num_identities=cfg.num_identities,
