@@ -15,7 +15,8 @@ classifier, on the synthetic world (UTKFace: `--config.data.name=utkface` once i
       rendered light (paper A's further work).
 
 Commands:
-  python -m lowlight.main --config=configs/paper_a.py:train=natural,attention=se --workdir=runs/a_nat_se
+  python -m lowlight.main --config=configs/paper_a.py:train=natural,attention=se \
+      --workdir=runs/a_nat_se
   python -m lowlight.main --config=configs/paper_a.py:exp=lighting --workdir=runs/a_light
   python -m lowlight.main --config=configs/paper_a.py:smoke --workdir=/tmp/a_smoke
 Real data: `data=utkface,root=/path/to/UTKFace` reads the folder (paper A's seeded 70/20/10

@@ -15,6 +15,7 @@ from typing import Any
 
 import ml_collections
 
+
 class ConfigError(ValueError):
     """A configuration mistake found at start-up; `lowlight.main` prints it as one line."""
 

@@ -85,7 +85,8 @@ def make_tx(cfg, params, total_steps: int) -> tuple[optax.GradientTransformation
         parts.append(optax.adam(sched, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999),
                                 eps=cfg.get("eps", 1e-8)))
     else:
-        raise ConfigError(f"unknown optimizer (config.optim.name) {name!r}; valid: sgd, adamw, adam")
+        raise ConfigError(f"unknown optimizer (config.optim.name) {name!r}; "
+                          "valid: sgd, adamw, adam")
     tx = optax.chain(*parts)
     freeze = path_mask(params, cfg.get("freeze", ()))
     if any(jax.tree.leaves(freeze)):

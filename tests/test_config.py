@@ -53,7 +53,8 @@ def test_every_config_builds_and_validates(name, arg):
 def test_paper_b_constants_in_full_resnet_config():
     c = _load("r100_arcface").get_config("scale=full")
     # Paper B §4.1.3: SGD momentum 0.9, lr 0.1 cosine, wd 5e-4, s=64, m=0.5, batch 512, r=0.3.
-    assert (c.optim.name, c.optim.momentum, c.optim.lr, c.optim.weight_decay) == ("sgd", 0.9, 0.1, 5e-4)
+    optim = (c.optim.name, c.optim.momentum, c.optim.lr, c.optim.weight_decay)
+    assert optim == ("sgd", 0.9, 0.1, 5e-4)
     assert (c.loss.s, c.loss.m, c.batch_size, c.partial_fc.sample_rate) == (64.0, 0.5, 512, 0.3)
     assert c.model.name == "iresnet100"
     assert _load("r100_arcface").get_config("scale=full,depth=50").model.name == "iresnet50"
@@ -61,9 +62,11 @@ def test_paper_b_constants_in_full_resnet_config():
 
 @pytest.mark.parametrize("key,value,match", [
     ("task", "segment", r"unknown task 'segment'; valid: recognition"),
-    ("model.name", "resnet9000", r"unknown model \(config.model.name\) 'resnet9000'; valid: .*iresnet100"),
-    ("loss.name", "sphereface", r"unknown loss .* 'sphereface'; valid: arcface, cosface, adaface, magface"),
-    ("data.name", "imagenet", r"unknown dataset .* 'imagenet'; valid: synth"),
+    ("model.name", "resnet9000",
+     r"unknown model \(config.model.name\) 'resnet9000'; valid: .*iresnet100"),
+    ("loss.name", "sphereface",
+     r"unknown loss .* 'sphereface'; valid: arcface, cosface, adaface, magface"),
+    ("data.name", "imagenet", r"unknown dataset .* 'imagenet'; valid: synth, utkface"),
     ("batch_size", 12, r"batch_size=12 is not divisible by the 8 devices"),
 ])
 def test_validate_names_the_key(key, value, match):

@@ -2,8 +2,6 @@
 modules loaded from their own runs, frozen for N steps and then fine-tuned, and the ablation
 configs."""
 
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
@@ -15,23 +13,11 @@ from lowlight import main as ll_main
 from lowlight import models
 from lowlight.data.normalize import to_model_input
 from lowlight.models.face_embedder import FaceEmbedder, patch_scores, ycbcr_mask
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import load_config
 
 
 def _config(name, arg, **overrides):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(arg)
-    c.progress = False
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return load_config(name, arg, **overrides)
 
 
 def test_patch_scores_golden():

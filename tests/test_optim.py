@@ -40,7 +40,7 @@ def test_sgd_matches_torch_semantics_two_steps():
     params, state = PARAMS, tx.init(PARAMS)
     p_ref, buf = 1.0, 0.0
     for g in (0.5, -0.25):
-        grads = jax.tree.map(lambda x: jnp.full_like(x, g), params)
+        grads = jax.tree.map(lambda x, g=g: jnp.full_like(x, g), params)
         updates, state = tx.update(grads, state, params)
         params = optax.apply_updates(params, updates)
         buf = 0.9 * buf + (g + 5e-4 * p_ref)

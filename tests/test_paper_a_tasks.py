@@ -1,7 +1,6 @@
 """Paper A's tasks end to end on the smoke config: attributes (with DistortionFace /
 NaturalFace test sets and per-condition metrics), the lighting classifier, early stopping."""
 
-import importlib.util
 import json
 import os
 
@@ -10,24 +9,11 @@ import pytest
 
 from lowlight import main as ll_main
 from lowlight.metric_writer import read_metrics
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import load_config
 
 
 def _config(arg, **overrides):
-    spec = importlib.util.spec_from_file_location("paper_a", os.path.join(ROOT, "configs",
-                                                                           "paper_a.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(arg)
-    c.progress = False
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return load_config("paper_a", arg, **overrides)
 
 
 def test_attribute_run_reports_paper_a_metrics_per_test_set(tmp_path):

@@ -2,7 +2,6 @@
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -42,7 +41,8 @@ def test_batchnorm_uses_global_batch_statistics_under_sharded_jit():
     def apply(v, x):
         return bn.apply(v, x, mutable=["batch_stats"])
 
-    sharded = jax.jit(apply, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)))
+    sharded = jax.jit(apply, in_shardings=(parallel.replicated(mesh),
+                                          parallel.batch_sharding(mesh)))
     y, new = sharded(variables, jax.device_put(x, parallel.batch_sharding(mesh)))
     expected = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
     np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-4, atol=1e-4)

@@ -78,5 +78,5 @@ def test_worker_processes_give_the_same_stream():
 def test_bad_dataset_name_and_batch():
     import ml_collections
 
-    with pytest.raises(ValueError, match=r"unknown dataset .*'celeba'; valid: synth"):
+    with pytest.raises(ValueError, match=r"unknown dataset .*'celeba'; valid: synth, utkface"):
         pipeline.make_source(ml_collections.ConfigDict({"name": "celeba"}))

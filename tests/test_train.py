@@ -1,33 +1,19 @@
 """End to end: a few training steps, checkpoint round trip, resume (also on fewer devices),
 evaluation — the recognition task on the smoke config, in-process on 8 fake CPU devices."""
 
-import importlib.util
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 
 from lowlight import main as ll_main
 from lowlight.metric_writer import read_metrics
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import load_config
 
 
 def _config(name="vit_magface", arg="smoke", **overrides):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(arg)
-    c.progress = False
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return load_config(name, arg, **overrides)
 
 
 def _steps(workdir):
