@@ -25,6 +25,11 @@ from lowlight.data import conditions as cond
 from lowlight.train_supervised import TaskSpec, _ModelFn, _to_input
 
 
+#: Age bands for per-band MAE (years, inclusive): where age regressors typically fail differs
+#: between children, adults and the elderly, which one overall MAE hides.
+AGE_BANDS = ((0, 9), (10, 19), (20, 29), (30, 39), (40, 49), (50, 59), (60, 69), (70, 116))
+
+
 # ------------------------------------------------------------------------------ data
 class LightingLabels:
     """Per-batch numpy transform adding `label` for the lighting classifier (picklable).
@@ -119,6 +124,11 @@ class AttributeEvaluator:
                                   {k: v[sel] for k, v in jt.items()}, age_scale=age_scale)
             res.update({f"{self.name}/{c}/{k}": float(v) for k, v in m.items()})
         pred = predict(jo, age_scale=age_scale)
+        err = np.abs(np.asarray(pred["age"]) - self.targets["age"])
+        for lo, hi in AGE_BANDS:
+            sel = (self.targets["age"] >= lo) & (self.targets["age"] <= hi)
+            if sel.any():
+                res[f"{self.name}/age_mae_{lo}-{hi}"] = float(err[sel].mean())
         eth = np.asarray(pred["ethnicity"])
         conf = np.zeros((5, 5), np.int64)
         np.add.at(conf, (self.targets["ethnicity"], eth), 1)

@@ -94,6 +94,8 @@ def recognition(*, model: str, loss: str, scale: str, optimizer: str = "sgd",
     c.num_workers = 0
     c.progress = True
     c.evals = {
+        "synth_clean": dict(type="synth_verification", seed=10_003, num_identities=500,
+                            images_per_identity=4, size=112, num_pairs=3000, lighting="normal"),
         "synth_val": dict(type="synth_verification", seed=10_001, num_identities=500,
                           images_per_identity=4, size=112, num_pairs=3000, lighting="mixed"),
         "synth_illum": dict(type="synth_verification", seed=10_002, num_identities=500,

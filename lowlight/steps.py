@@ -135,6 +135,8 @@ def train_step(state: TrainState, batch, *, model, tx, sched, loss_cfg, pfc_cfg,
     }
     if "g" in margin_aux:
         metrics["magface_g"] = jnp.mean(margin_aux["g"])
+    if "adaface_stats" in extras:
+        metrics["adaface_norm_mean"], metrics["adaface_norm_std"] = extras["adaface_stats"]
     backbone_params = params["backbone"]
     for path, leaf in jax.tree_util.tree_leaves_with_path(backbone_params):
         if getattr(path[-1], "key", None) == "alpha":  # mask-modulation α (paper B eq. 2)

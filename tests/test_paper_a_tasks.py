@@ -26,6 +26,7 @@ def test_attribute_run_reports_paper_a_metrics_per_test_set(tmp_path):
     assert "test_distortion/low/age_mae" in last and "test_distortion/normal/age_mae" not in last
     assert "test_natural/low/age_mae" in last and "test_natural/normal/age_mae" in last
     assert 0.0 <= last["test_natural/gender_acc"] <= 1.0
+    assert any(k.startswith("test_natural/age_mae_") and k.endswith("-49") for k in last)
     cfg = json.load(open(os.path.join(wd, "config.json")))
     assert cfg["task_cfg"]["loss_weights"] == {"age": 0.1, "gender": 1.0, "ethnicity": 1.0}
     assert cfg["model"]["kwargs"]["attention"] == "cbam"

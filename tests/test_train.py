@@ -9,7 +9,7 @@ import pytest
 
 from lowlight import main as ll_main
 from lowlight.metric_writer import read_metrics
-from tests.helpers import load_config
+from tests.helpers import ROOT, load_config
 
 
 def _config(name="vit_magface", arg="smoke", **overrides):
@@ -67,3 +67,35 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
     with pytest.raises(FloatingPointError, match=r"loss is nan at step"):
         ll_main.run(c, str(tmp_path / "nan"))
 
+
+
+def test_adaface_statistics_are_updated_before_use(tmp_path):
+    """AdaFace keeps an EMA of feature norms in the train state: after one step from the official
+    initial (20, 100), mean = 0.01 * batch mean + 0.99 * 20."""
+    c = _config("r100_adaface", "smoke", total_steps=1, log_every=1, evals={})
+    c.model.name = "vit_t"  # any backbone: the statistics live outside it; ViT compiles fastest
+    c.model.kwargs = dict(embed_dim=64, img_size=32, patch_size=8, width=32, depth=1,
+                          num_heads=2, drop_path_rate=0.0, mask_ratio=0.0)
+    ll_main.run(c, str(tmp_path / "ada"))
+    rec = [r for r in read_metrics(str(tmp_path / "ada")) if "train/loss" in r][-1]
+    np.testing.assert_allclose(rec["train/adaface_norm_mean"],
+                               0.01 * rec["train/norm_mean"] + 0.99 * 20.0, rtol=1e-5)
+    assert rec["train/adaface_norm_std"] < 100.0
+
+
+def test_command_line_smoke_run(tmp_path):
+    """The user's path: `python -m lowlight.main --config=configs/vit_magface.py:smoke`."""
+    import subprocess
+    import sys
+
+    wd = str(tmp_path / "cli")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    r = subprocess.run([sys.executable, "-m", "lowlight.main",
+                        "--config=configs/vit_magface.py:smoke", f"--workdir={wd}",
+                        "--config.progress=False"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = read_metrics(wd)
+    assert max(r["step"] for r in recs) == 4
+    assert any("synth_illum/acc" in r for r in recs)
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints")))[-1] == "4"
