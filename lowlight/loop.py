@@ -138,9 +138,12 @@ def run(config, workdir: str, *, mesh, init, abstract, shardings, step_fn, data_
                 progress.update(1)
             if done % config.log_every == 0 or done == stop or preempt.requested:
                 m = jax.device_get(metrics)
-                if not np.isfinite(m["loss"]):
+                if m.get("nonfinite", 0) > config.get("max_nonfinite", 10) or (
+                        "nonfinite" not in m and not np.isfinite(m["loss"])):
                     raise FloatingPointError(
-                        f"loss is {m['loss']} at step {done}; stopping. The last checkpoint "
+                        f"loss is {m['loss']} at step {done} and {int(m.get('nonfinite', 0))} "
+                        f"updates were skipped as non-finite (config.max_nonfinite="
+                        f"{config.get('max_nonfinite', 10)}); stopping. The last checkpoint "
                         f"(step {ckpt.latest_step()}) in {ckpt.directory} is unaffected; lower "
                         "optim.lr, enable optim.clip_norm, or check the data")
                 dt = time.time() - t0

@@ -50,7 +50,10 @@ def recognition(*, model: str, loss: str, scale: str, optimizer: str = "sgd",
 
     c.data = dict(name="synth", seed=0, num_identities=2000, images_per_identity=20, size=112,
                   synth={})
-    c.model = dict(name=model, kwargs=dict(embed_dim=512, **(model_kwargs or {})))
+    # dtype: compute dtype of the backbone ("bfloat16" on GPUs/TPUs for mixed precision;
+    # parameters, the embedding head, margins and softmax stay float32).
+    c.model = dict(name=model, kwargs=dict(embed_dim=512, dtype="float32",
+                                           **(model_kwargs or {})))
     c.loss = dict(name=loss, **LOSS_DEFAULTS[loss])
     # Partial FC, paper B §4.1.3: sampling rate 0.3 "in accordance with the official insightface
     # training protocol"; centres split over every device like arcface_torch.
@@ -84,6 +87,7 @@ def recognition(*, model: str, loss: str, scale: str, optimizer: str = "sgd",
     c.total_steps = 20_000
     c.stop_after = 0    # stop (with a checkpoint) at this step; 0 = at total_steps. The schedule
                         # still spans total_steps, so the run resumes exactly where it stopped.
+    c.max_nonfinite = 10  # non-finite updates are skipped and counted; stop beyond this many
     c.log_every = 50
     c.eval_every = 2000
     c.ckpt_every = 2000
@@ -171,7 +175,7 @@ def supervised(task: str, *, model: str, scale: str, model_kwargs: dict | None =
     size = 32 if small else 64 if cpu else 112
     c.data = dict(name="synth", seed=0, num_identities=5000 if not cpu else 400,
                   images_per_identity=10 if not cpu else 8, size=size, synth={})
-    kwargs = dict(model_kwargs or {})
+    kwargs = dict(dtype="float32", **(model_kwargs or {}))
     if cpu:
         kwargs.update(cpu_model_kwargs or {})
     c.model = dict(name=model, kwargs=kwargs)
@@ -182,6 +186,7 @@ def supervised(task: str, *, model: str, scale: str, model_kwargs: dict | None =
     c.batch_size = 8 if small else 32 if cpu else 128
     c.total_steps = 3 if small else 600 if cpu else 20_000
     c.stop_after = 0
+    c.max_nonfinite = 10
     c.log_every = 1 if small else 20 if cpu else 100
     c.eval_every = 3 if small else 300 if cpu else 2000
     c.ckpt_every = 3 if small else 300 if cpu else 2000

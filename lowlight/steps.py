@@ -54,7 +54,7 @@ def init_state(rng, *, model, tx, num_classes: int, embed_dim: int, image_size: 
     params, batch_stats = init_variables(k_vars, model=model, num_classes=num_classes,
                                          embed_dim=embed_dim, image_size=image_size,
                                          class_multiple=class_multiple)
-    extras = {}
+    extras = {"nonfinite": jnp.zeros((), jnp.int32)}
     if loss_name == "adaface":
         extras["adaface_stats"] = tuple(jnp.asarray(v, jnp.float32) for v in ADAFACE_INIT_STATS)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
@@ -99,7 +99,8 @@ def train_step(state: TrainState, batch, *, model, tx, sched, loss_cfg, pfc_cfg,
     def loss_fn(params):
         emb, aux, new_bs = model.apply(params, state.batch_stats, x, train=True,
                                        rngs={"dropout": k_drop})
-        norms = aux["norm"]
+        emb = emb.astype(jnp.float32)  # margin + softmax math in fp32 whatever the compute dtype
+        norms = aux["norm"].astype(jnp.float32)
         mfn = margin_fn(loss_cfg, norms=norms, stats=adaface_stats)
         loss, pfc_aux = pfc.partial_fc_loss(
             emb, labels, params["centers"], key=k_pfc, sample_rate=pfc_cfg.sample_rate,
@@ -143,7 +144,24 @@ def train_step(state: TrainState, batch, *, model, tx, sched, loss_cfg, pfc_cfg,
             metrics["mask_alpha"] = jnp.mean(leaf)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_bs,
                               opt_state=opt_state, extras=extras)
-    return new_state, metrics
+    return guard_nonfinite(new_state, state, ce, grads, updates, metrics)
+
+
+def guard_nonfinite(new_state: TrainState, state: TrainState, loss, grads, updates, metrics):
+    """Skips an update whose loss, gradients or updates are not finite: the state stays as it
+    was (but the step advances, so the data stream and RNG move on) and `extras["nonfinite"]`
+    counts it. The loop stops once the count exceeds `config.max_nonfinite`."""
+    finite = (jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+              & jnp.isfinite(optax.tree.norm(updates)))
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    extras = keep(new_state.extras, state.extras)
+    extras["nonfinite"] = state.extras["nonfinite"] + (1 - finite.astype(jnp.int32))
+    guarded = new_state.replace(params=keep(new_state.params, state.params),
+                                batch_stats=keep(new_state.batch_stats, state.batch_stats),
+                                opt_state=keep(new_state.opt_state, state.opt_state),
+                                extras=extras)
+    metrics = dict(metrics, nonfinite=extras["nonfinite"].astype(jnp.float32))
+    return guarded, metrics
 
 
 def _select_subtree(new_opt_state, old_opt_state, name, keep_old):

@@ -27,7 +27,7 @@ from absl import logging
 from lowlight import loop, models, optim, parallel
 from lowlight.data import pipeline
 from lowlight.data.normalize import MEAN, STD
-from lowlight.steps import TrainState
+from lowlight.steps import TrainState, guard_nonfinite
 
 
 # ------------------------------------------------------------------------------ task specs
@@ -204,7 +204,7 @@ def init_state(rng, *, model, tx, image_size: int) -> TrainState:
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                      extras={}, rng=k_state)
+                      extras={"nonfinite": jnp.zeros((), jnp.int32)}, rng=k_state)
 
 
 def train_step(state, batch, *, model, tx, sched, spec: TaskSpec, task_cfg):
@@ -224,8 +224,9 @@ def train_step(state, batch, *, model, tx, sched, spec: TaskSpec, task_cfg):
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": sched(state.step),
                **metrics}
-    return state.replace(step=state.step + 1, params=params, batch_stats=new_bs,
-                         opt_state=opt_state), metrics
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_bs,
+                              opt_state=opt_state)
+    return guard_nonfinite(new_state, state, loss, grads, updates, metrics)
 
 
 # ------------------------------------------------------------------------------ entry

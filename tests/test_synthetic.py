@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from lowlight.data import _render
+from lowlight.data import _render, synthetic
 from lowlight.data import conditions as cond
 from lowlight.data.synthetic import (
     ARCFACE_TEMPLATE,
@@ -142,29 +142,100 @@ def test_bit_identical_across_fresh_processes(repo_root):
     assert got == [want, want]
 
 
-def test_alone_equals_inside_any_batch():
-    ds = SynthFaces(seed=2, num_identities=40, images_per_identity=5, size=64, pose_jitter=1.5)
-    idx = np.array([17, 3, 199, 42, 17, 88, 5, 120, 63, 150, 11, 0, 77])
-    b = ds.render_batch(idx)
-    rev = ds.render_batch(idx[::-1])
-    for j, i in enumerate(idx):
-        it = ds[int(i)]
-        for k in ("image", "canonical", "skin_mask", "landmarks"):
-            assert np.array_equal(it[k], b[k][j]), (i, k)
-            assert np.array_equal(it[k], rev[k][len(idx) - 1 - j]), (i, k)
-        assert it["condition"] == b["condition"][j] and it["age"] == b["age"][j]
+SIZES = [32, 37, 48, 57, 64, 112]  # (32 is the smallest size SynthFaces accepts)
+_PIXELS = ("image", "canonical", "skin_mask", "landmarks")
 
 
-def test_feature_boxes_do_not_change_pixels(monkeypatch):
-    """Local features are computed in per-chunk boxes; computing them everywhere is identical."""
-    ds = SynthFaces(seed=5, num_identities=100, images_per_identity=4, size=64, pose_jitter=2.0,
+def _chunk(size: int) -> int:
+    """Images per vectorised pass of the renderer at `size`."""
+    return max(1, synthetic._CHUNK_PIXELS // (size * size))
+
+
+def _compositions(idx: np.ndarray, chunk: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Batches of idx: shuffled, reversed, with duplicates, and windows of sizes 1..len(idx)
+    from several starts (so an image sits at every position of a chunk, and batches cross
+    the chunk size)."""
+    n = len(idx)
+    out = [rng.permutation(idx), idx[::-1], rng.choice(idx, n + chunk // 2 + 2)]
+    for b in sorted({1, 2, 3, chunk - 1, chunk, chunk + 1, 2 * chunk + 1, n} & set(range(1, n + 1))):
+        for start in {0, (n - b) // 2, n - b}:
+            out.append(idx[start:start + b])
+    return out
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_alone_equals_inside_any_batch(size):
+    """Sample i is bit-identical rendered alone or anywhere in any batch, at every size."""
+    ds = SynthFaces(seed=2, num_identities=40, images_per_identity=5, size=size, pose_jitter=2.0,
                     expression_jitter=2.0)
-    idx = np.arange(0, 400, 9)
-    fast = ds.render_batch(idx)
+    chunk = _chunk(size)
+    rng = np.random.default_rng(size)
+    idx = rng.choice(len(ds), min(2 * chunk + 3, 40), replace=False)
+    alone = {int(i): ds[int(i)] for i in idx}
+    for batch in _compositions(idx, chunk, rng):
+        b = ds.render_batch(batch)
+        for j, i in enumerate(batch.tolist()):
+            for k in _PIXELS:
+                assert np.array_equal(alone[i][k], b[k][j]), (size, len(batch), j, i, k)
+            assert alone[i]["condition"] == b["condition"][j] and alone[i]["age"] == b["age"][j]
+
+
+def test_alone_equals_batch_with_negative_indices_and_overrides():
+    ds = SynthFaces(seed=6, num_identities=12, images_per_identity=3, size=40, pose_jitter=2.0)
+    idx = np.array([-1, 5, -36, 5, 20, 0, 35, 2, 17, 30, 9, 11, 33, 1, 4])
+    conds = [cond.CONDITIONS[k % len(cond.CONDITIONS)] for k in range(len(idx))]
+    b = ds.render_batch(idx, condition=conds)
+    for j, i in enumerate(idx.tolist()):
+        it = ds.render_batch([i], condition=conds[j])
+        for k in _PIXELS:
+            assert np.array_equal(it[k][0], b[k][j]), (j, i, k)
+
+
+def _floats(monkeypatch, ds, i: int) -> list[np.ndarray]:
+    """ds[i] before 8-bit quantisation: the float planes the renderer quantises, and skin_mask."""
+    planes = []
+    quantise = _render._quantise
+
+    def spy(y, out):
+        planes.append(np.array(y))
+        quantise(y, out)
+
+    monkeypatch.setattr(_render, "_quantise", spy)
+    planes.append(ds[i]["skin_mask"])
+    monkeypatch.setattr(_render, "_quantise", quantise)
+    return planes
+
+
+@pytest.mark.parametrize("size, n, options", [
+    (32, 24, {}),
+    (33, 16, {"pose_jitter": 5.0, "expression_jitter": 5.0}),
+    (40, 16, {"pose_jitter": 3.0, "age_drift": 30}),
+    (57, 16, {"pose_jitter": 5.0, "expression_jitter": 5.0}),
+    (64, 12, {}),
+    (112, 12, {"pose_jitter": 3.0, "expression_jitter": 3.0, "age_drift": 30}),
+    (256, 4, {"age_drift": 30}),
+])
+def test_feature_boxes_do_not_change_pixels(monkeypatch, size, n, options):
+    """Local features are computed only in boxes; computing them everywhere gives the same
+    floats. Each image is rendered alone, so it gets its own (tightest) boxes: a box that cuts
+    a feature's support anywhere shows here, before rounding can hide it."""
+    ds = SynthFaces(seed=5, num_identities=200, images_per_identity=2, size=size, **options)
+    idx = np.random.default_rng(size).choice(len(ds), n, replace=False).tolist()
+    boxed = [_floats(monkeypatch, ds, i) for i in idx]
     monkeypatch.setattr(_render, "FULL_FRAME_BOXES", True)
-    full = ds.render_batch(idx)
-    for k in ("image", "canonical", "skin_mask"):
-        assert np.array_equal(fast[k], full[k]), k
+    for i, planes in zip(idx, boxed):
+        for k, (a, b) in enumerate(zip(planes, _floats(monkeypatch, ds, i))):
+            assert np.array_equal(a, b), (size, i, k)
+
+
+def test_feature_boxes_hold_at_large_sizes(monkeypatch):
+    """A face whose nasolabial folds reach further out than the old fixed bound allowed: at
+    1024 px the pixel margin no longer covered it."""
+    ds = SynthFaces(seed=0, num_identities=178, images_per_identity=1, size=1024)
+    boxed = _floats(monkeypatch, ds, 177)
+    monkeypatch.setattr(_render, "FULL_FRAME_BOXES", True)
+    for k, (a, b) in enumerate(zip(boxed, _floats(monkeypatch, ds, 177))):
+        assert np.array_equal(a, b), k
 
 
 def test_seeds_and_identities_differ():

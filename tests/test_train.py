@@ -4,6 +4,7 @@ evaluation — the recognition task on the smoke config, in-process on 8 fake CP
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -61,11 +62,24 @@ def test_resume_on_fewer_devices_continues_the_same_run(tmp_path):
     np.testing.assert_allclose(lb, la, rtol=1e-5)
 
 
-def test_nan_loss_stops_with_a_clear_message(tmp_path):
-    c = _config(total_steps=3, log_every=1, eval_every=1000, evals={})
+def test_nonfinite_updates_are_skipped_counted_then_stop(tmp_path):
+    """lr = NaN makes every update non-finite: each is skipped (parameters unchanged, so the
+    loss stays finite) and counted; beyond max_nonfinite the run stops with a clear message."""
+    c = _config(total_steps=6, log_every=1, eval_every=1000, ckpt_every=1, evals={},
+                max_nonfinite=2)
     c.optim.lr = float("nan")
-    with pytest.raises(FloatingPointError, match=r"loss is nan at step"):
-        ll_main.run(c, str(tmp_path / "nan"))
+    wd = str(tmp_path / "nan")
+    with pytest.raises(FloatingPointError, match=r"3 updates were skipped as non-finite"):
+        ll_main.run(c, wd)
+    recs = [r for r in read_metrics(wd) if "train/loss" in r]
+    assert [r["train/nonfinite"] for r in recs] == [1.0, 2.0]
+    assert all(np.isfinite(r["train/loss"]) for r in recs)
+    from lowlight import checkpoint as ckpt_lib
+
+    first, _, _ = ckpt_lib.load_weights(wd, step=1)
+    second, _, _ = ckpt_lib.load_weights(wd, step=2)
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
+        np.testing.assert_array_equal(a, b)  # skipped updates leave the weights untouched
 
 
 
@@ -99,3 +113,11 @@ def test_command_line_smoke_run(tmp_path):
     assert max(r["step"] for r in recs) == 4
     assert any("synth_illum/acc" in r for r in recs)
     assert sorted(os.listdir(os.path.join(wd, "checkpoints")))[-1] == "4"
+
+
+def test_bfloat16_compute_trains(tmp_path):
+    c = _config(total_steps=2, log_every=1, eval_every=2, **{"model.kwargs.dtype": "bfloat16"})
+    c.evals = {"synth_val": c.evals.synth_val}
+    last = ll_main.run(c, str(tmp_path / "bf16"))
+    assert np.isfinite(last["train/loss"]) and last["train/nonfinite"] == 0.0
+    assert 0.0 <= last["synth_val/acc"] <= 1.0

@@ -1,27 +1,29 @@
 """Pixel kernel of the synthetic face world: per-image parameters in, images out.
 
-`lowlight.data.synthetic` draws the people and the per-image nuisance; this file holds the
-physical model (light and sensor parameters per condition, the geometry's forward map for the
-landmarks) and turns a batch of parameters into pixels. Pixels are float32 numpy over whole
-(B, H, W) arrays, channel-first inside ((B, 3, H, W): per-image colours broadcast over contiguous
-rows), written to (B, H, W, 3) uint8 at the end.
+`lowlight.data.synthetic` draws the people and the per-image nuisance, `lowlight.data._faces`
+holds the face geometry (face parameters, landmarks, feature boxes); this file holds the
+physical model (light and sensor parameters per condition) and turns a batch of parameters into
+pixels. Pixels are float32 numpy over whole (B, H, W) arrays, channel-first inside ((B, 3, H, W):
+per-image colours broadcast over contiguous rows), written to (B, H, W, 3) uint8 at the end.
 
 Why only + - * / sqrt min max clip floor on pixels: those are correctly rounded IEEE operations,
 so a pixel's value does not depend on which SIMD lane, loop tail or batch layout computed it, nor
-on the machine's libm. That is what makes sample i bit-identical alone or in any batch, in any
-process. Soft shapes use polynomial falloffs (not exp), the noise bank uses Irwin-Hall samples
-and exact box/binomial blurs, rotations come in as rational (cos, sin) pairs.
+on the machine's libm. Soft shapes use polynomial falloffs (not exp), the noise bank uses
+Irwin-Hall samples and exact box/binomial blurs, rotations come in as rational (cos, sin) pairs.
 
 Geometry: faces are modelled in *template units* (the 112x112 ArcFace crop, where insightface's
 `arcface_dst` anchors sit), in a frontal frame (u0, v). A pixel maps to the frontal frame by the
 inverse of: yaw about a vertical cylinder of radius `head_r` (exact inverse of
 x' = R sin(phi + yaw)), then roll / scale / offset. Landmarks go through the same forward map
-(`project`), so they land on the drawn features.
+(`_faces.project`), so they land on the drawn features.
 
-Speed: full-frame work is what every pixel needs (coordinates, hair, face oval, shading, sensor);
-small features (eyes, brows, nose, mouth, cheeks, beard, wrinkles) are computed only inside
-per-chunk boxes that provably contain their support (`_boxes`), and a chunk of a few images is
-rendered per pass so per-call overhead is shared while temporaries stay in cache.
+Speed: full-frame work is what every pixel needs (coordinates, hair, shading, sensor); the face
+oval and the small features (eyes, brows, nose, mouth, cheeks, beard, wrinkles) are computed
+only inside boxes that contain their whole support (`_faces.chunk_boxes`, computed once per
+batch), and a chunk of a few images is rendered per pass so per-call overhead is shared while
+temporaries stay in cache. A chunk's box is the union of its images' boxes, so the boxes must be
+exact supports, soft edges included, at every size: a feature cut by a box would make an image
+depend on its batch-mates (sample i is bit-identical alone or in any batch, in any process).
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lowlight.data import _faces
 from lowlight.data import conditions as cond
+from lowlight.data._faces import C0, TEMPLATE
 
-TEMPLATE = 112.0  # template side (ArcFace crop) in which all geometry is expressed
-C0 = 56.0  # template centre = face midline
 NUM_CLUTTER = 5  # background rectangles per image (each switched on/off by a parameter)
 FULL_FRAME_BOXES = False  # testing: compute local features everywhere (must not change pixels)
 _F = np.float32
@@ -159,160 +161,8 @@ def _lerp(A, m, c):
 
 
 # ---------------------------------------------------------------------------------------------
-# Boxes: local features are computed only where they can be non-zero
+# Parameter columns and per-box views
 # ---------------------------------------------------------------------------------------------
-
-def _pixel_bounds(f: dict[str, np.ndarray], size: int, regions: dict) -> np.ndarray:
-    """Per-image pixel bounds (4, B, K) = (r0, r1, c0, c1) covering each frontal-frame region.
-
-    `f`: float64 parameters; `regions[name] = (du_lo, du_hi, v_lo, v_hi)` ((B,) arrays; du =
-    u0 - midline; du_lo and du_hi NaN: all columns). Features are exactly zero outside their
-    region, and a region is mapped forward conservatively (yaw on its visible branch, then
-    roll/scale/offset, a 1-unit margin against rounding, then whole pixels plus one), so
-    computing a feature inside the box only gives the same pixels as computing it everywhere: a
-    box (or the union of a chunk's boxes) just saves work, it cannot change a result.
-    """
-    s, c, sn, ox, oy, yc, ys, R, dl = (f[k][:, None] for k in (
-        "scale", "roll_c", "roll_s", "off_x", "off_y", "yaw_c", "yaw_s", "head_r", "delta"))
-    vals = np.array(list(regions.values())).transpose(1, 2, 0)  # (4, B, K)
-    has_cols = ~np.isnan(vals[0])
-    lo_u, hi_u = np.where(has_cols, vals[0], 0.0), np.where(has_cols, vals[1], 0.0)
-    lo_v, hi_v = vals[2] - C0 - 1.0, vals[3] - C0 + 1.0
-    lim = R * yc - 1.0  # the inverse yaw map is one-to-one for |du| below this
-    ok = has_cols & (np.maximum(-lo_u, hi_u) + 1.0 < lim)
-    fwd = lambda X: X * yc + np.sqrt(np.maximum(R * R - X * X, 0.0)) * ys + dl
-    ua, ub = fwd(lo_u - 1.0), fwd(hi_u + 1.0)
-    xs, ys_ = [], []
-    for du in (ua, ub):
-        for dv in (lo_v, hi_v):
-            xs.append(C0 + ox + s * (c * du - sn * dv))
-            ys_.append(C0 + oy + s * (sn * du + c * dv))
-    # rows-only regions: every column; rows where v in [lo, hi] at either image edge
-    edge = (-C0 - ox, TEMPLATE - C0 - ox)
-    yr = [C0 + oy + (s * dv + sn * X) / c for dv in (lo_v, hi_v) for X in edge]
-    k = size / TEMPLATE
-    y_lo = np.where(ok, np.min(ys_, 0), np.min(yr, 0)) * k
-    y_hi = np.where(ok, np.max(ys_, 0), np.max(yr, 0)) * k
-    x_lo = np.where(ok, np.min(xs, 0) * k, 0.0)
-    x_hi = np.where(ok, np.max(xs, 0) * k, size)
-    return _clip(np.stack([np.floor(y_lo) - 1, np.ceil(y_hi) + 2, np.floor(x_lo) - 1,
-                           np.ceil(x_hi) + 2]), 0, size).astype(np.int64)
-
-
-def _chunk_boxes(P: dict[str, np.ndarray], size: int, chunk: int) -> list[dict[str, tuple]]:
-    """Per chunk of `chunk` consecutive images: name -> (rows, cols) slices of each feature box.
-
-    A chunk's box is the union of its images' boxes; a feature whose strength is 0 in every
-    image of the chunk (wrinkles, beard) gets no box and is skipped (exactly 0 anyway).
-    """
-    f = dict(zip(_KEYS64, P.rows[_rows(P.keys_, _KEYS64)].astype(np.float64)))
-    regions = _regions(f, size)
-    starts = np.arange(0, len(f["scale"]), chunk)
-    r0, r1, c0, c1 = _pixel_bounds(f, size, regions)
-    lo, hi = np.minimum.reduceat, np.maximum.reduceat
-    r0, c0 = lo(r0, starts).tolist(), lo(c0, starts).tolist()
-    r1, c1 = hi(r1, starts).tolist(), hi(c1, starts).tolist()
-    wrinkles = hi(P["wrinkle"] > 0, starts).tolist()
-    beards = hi(np.maximum(P["beard"], P["moustache"]) > 0, starts).tolist()
-    full = (slice(0, size), slice(0, size))
-    out = []
-    for j in range(len(starts)):
-        box = {n: full if FULL_FRAME_BOXES else
-               (slice(r0[j][i], max(r0[j][i], r1[j][i])), slice(c0[j][i], max(c0[j][i], c1[j][i])))
-               for i, n in enumerate(regions)}
-        if not wrinkles[j]:
-            del box["fore"], box["fold"]
-        if not beards[j]:
-            del box["beard"]
-        out.append(box)
-    return out
-
-
-_KEYS64 = ("scale", "roll_c", "roll_s", "off_x", "off_y", "yaw_c", "yaw_s", "head_r", "delta",
-           "eye_y", "nose_y", "mouth_y", "face_w", "hair_rx", "hair_ry", "hair_cy", "hair_bottom",
-           "long", "long_len", "ear_h", "ear_w", "ear_y", "eye_w", "eye_h", "eye_tilt", "eye_dx",
-           "brow_len", "brow_gap", "brow_raise", "brow_arch", "brow_th", "nose_w", "mouth_w",
-           "smile", "open", "lip_u", "lip_l", "face_top", "chin_y", "jaw_taper", "beard_top",
-           "cloth_y")  # the parameters the boxes need, as float64
-
-
-@functools.lru_cache(maxsize=32)
-def _rows(keys: tuple[str, ...], names: tuple[str, ...]) -> list[int]:
-    """Rows of the parameters `names` in a parameter matrix with columns `keys`."""
-    return [keys.index(k) for k in names]
-
-
-def _regions(f: dict[str, np.ndarray], size: int) -> dict[str, tuple]:
-    """Frontal-frame region of each local feature, outside which it is exactly 0 (see `_boxes`).
-
-    Bounds are the features' exact supports in template units *including their soft edges*,
-    whose width is a pixel: w = 1 / iw = 112 / (size * scale) template units, several units at
-    small sizes (a bound that ignores it only holds at large ones). `_ramp(d, iw * a)` is
-    non-zero for d > -w / (2a); `_ellipse` with radii (ax, ay) for r2 < 1 + w / min(ax, ay);
-    `_bump` strictly inside its ellipse. Mirror any change to a feature here;
-    tests/test_synthetic.py checks the boxes against full frames at several sizes.
-    """
-    w = TEMPLATE / (size * f["scale"])
-    sqrt, lo, hi = np.sqrt, np.minimum, np.maximum
-    ey, ny, my, fw, nw, mw = (f[k] for k in ("eye_y", "nose_y", "mouth_y", "face_w", "nose_w",
-                                             "mouth_w"))
-    zero = ey * 0
-    none = (zero + np.nan, zero + np.nan)
-    # hair outline (ellipse cut at hair_bottom), long hair (its end a ramp with iw / 4)
-    rx, ry = f["hair_rx"], f["hair_ry"]
-    hair = (f["hair_cy"] - ry * sqrt(1 + w / lo(rx, ry)),
-            hi(f["hair_bottom"] + w / 2, np.where(f["long"] > 0, f["long_len"] + 2 * w, 0)))
-    # clothes: the neckline rises 0.35 per unit beyond |u - C0| = 12, and |u - C0| <= u_max
-    u_max = ((np.abs(f["roll_c"]) + np.abs(f["roll_s"]))
-             * (C0 + hi(np.abs(f["off_x"]), np.abs(f["off_y"])) + 1) / f["scale"])
-    ear = f["ear_h"] * sqrt(1 + w / lo(f["ear_w"], f["ear_h"]))
-    # eyes: socket / ridge / bag bumps; lens |te| < 1; lashes |te| < t_lash, |v - top| < w / 0.7;
-    # brows |tb| < tb_max (about eye_dx + 1), centre between b_hi and b_lo, half-height <= th
-    ew, eh, tilt, gap = f["eye_w"], f["eye_h"], np.abs(f["eye_tilt"]), f["brow_gap"]
-    t_lash = 1.15 + w / (2 * ew)
-    tb_max = sqrt(1 + w / (2 * f["brow_len"]))
-    b_hi = ey - gap - f["brow_raise"] - hi(f["brow_arch"], 0)
-    b_lo = ey - gap - f["brow_raise"] - lo(f["brow_arch"], 0)
-    th = f["brow_th"] + w / 2
-    eye_u = f["eye_dx"] + hi(hi(11.0, 1.15 * ew + w / 2), 1 + f["brow_len"] * tb_max)
-    eyes = (lo(lo(ey - 7.5, ey - gap - 3.5),
-               lo(ey - tilt * t_lash - eh - 0.3 - w / 0.7, b_hi - th)),
-            hi(hi(ey + 7.2, ey - gap + 3.5),
-               hi(hi(ey + tilt * t_lash - 0.3 + w / 0.7, ey + tilt + 0.8 * eh + w / 2), b_lo + th)))
-    # nose: ridge |du| < 1.1 nose_w for ey - 4 < v < ny + 3; tip and wing bumps; nostrils
-    nos = sqrt(1 + w / lo(0.3 * nw, 1.1))
-    nose_u = hi(hi(1.1 * nw, 0.75 * nw + 2.8), (0.42 + 0.3 * nos) * nw)
-    nose = (lo(ey - 4, lo(ny - 4.5, ny + 1.6 - 1.1 * nos)), hi(ny + 3, ny + 1.6 + 1.1 * nos))
-    # mouth: bump; lips and opening |tm| < 1; crease tm^2 < 1.1 + w / 8, |v - line| < 1.25 w;
-    # the mouth line lies in [my - 3.7 smile, my + 0.8 smile]
-    sm = f["smile"]
-    mouth_u = hi(mw + 2, mw * sqrt(1.1 + w / 8))
-    mouth = (lo(my - 6, my - 3.7 * sm - hi(f["lip_u"] + w / 2, 1.25 * w)),
-             hi(my + 6, my + 0.8 * sm + hi(5 * f["open"] + f["lip_l"] + w / 2, 1.25 * w)))
-    # face oval: du0^2 < fw^2 + w fw; v within mid -+ half height x sqrt(1 + w / half width)
-    mid, hh = (f["face_top"] + f["chin_y"]) / 2, (f["chin_y"] - f["face_top"]) / 2
-    face_bot = mid + hh * sqrt(1 + w / (fw * (1 - f["jaw_taper"])))
-    beard = (lo(f["beard_top"] - 0.012 * (fw * fw + w * fw) - w, ny + 2.5 - w / 2),
-             hi(face_bot, my + w / 2))
-    fold_u = nw + 3.25 + 0.35 * (my + 6 + w / 2 - ny)  # xf at the lowest v, + 1.25
-    face_u = sqrt(fw * fw + w * fw)
-    regions = {
-        "face": (-face_u, face_u, mid - hh * sqrt(1 + w / fw), face_bot),
-        "hair": (*none, *hair),
-        "neck": (*none, ey + 25 - w / 2, zero + 1e4),
-        "cloth": (*none, f["cloth_y"] - 0.35 * hi(u_max - 12, 0) - w / 2, zero + 1e4),
-        "ears": (*none, f["ear_y"] - ear, f["ear_y"] + ear),
-        "eyes": (-eye_u, eye_u, *eyes),
-        "cheeks": (-(f["eye_dx"] + 16), f["eye_dx"] + 16, ey + 1.5, ey + 23),
-        "nose": (-nose_u, nose_u, *nose),
-        "mouth": (-mouth_u, mouth_u, *mouth),
-        "chin": (zero - 10, zero + 10, f["chin_y"] - 14, f["chin_y"] - 2),
-        "beard": (*none, *beard),
-        "fore": (-(18 + w / 2), 18 + w / 2, mid - hh * sqrt(1 + w / fw), ey - gap - 4 + w / 2),
-        "fold": (-fold_u, fold_u, ny - 1 - w / 2, my + 6 + w / 2),
-    }
-    return regions
-
 
 class _Columns(dict):
     """name -> row of a parameter matrix, made on first use (most renders touch few names)."""
@@ -366,7 +216,10 @@ def render(keys: Sequence[str], M: np.ndarray, size: int, *, chunk: int = 1,
     keys = tuple(keys)
     pos = _positions(keys)
     cols = np.ascontiguousarray(M.T, dtype=_F)  # (K, N): one row per parameter
-    boxes = _chunk_boxes(_Columns(keys, pos, cols), size, chunk)
+    boxes = _faces.chunk_boxes(keys, cols, size, chunk)
+    if FULL_FRAME_BOXES:
+        full = (slice(0, size), slice(0, size))
+        boxes = [{k: full for k in box} for box in boxes]
     for s, box in zip(range(0, n, chunk), boxes):
         _render_chunk(keys, pos, cols[:, s:s + chunk], size, box, clutter,
                       {k: v[s:s + chunk] for k, v in out.items()})
@@ -405,7 +258,7 @@ def _render_chunk(keys: tuple[str, ...], pos: dict[str, int], cols: np.ndarray, 
 
     # --- background: colour x (gradient, blurred texture); clutter rectangles -------------------
     # window offsets into the bank (side 2 size), from fractions in [0, 1)
-    win = (P.rows[_rows(keys, _WINDOWS)].astype(np.float64) * size).astype(np.int64).tolist()
+    win = (P.rows[_faces.rows(keys, _WINDOWS)].astype(np.float64) * size).astype(np.int64).tolist()
     bgt = _windows(bank["bg"], win[0], win[1], size)  # (B,2,H,W)
     # (albedo stays >= 0 from here on: every later layer is a convex mix or a factor in [0, 1])
     lum = np.maximum((1 + p["bg_grad"] * (yg - C0) * _F(1 / C0)) * (1 + p["bg_tex"] * bgt[:, 0]),
@@ -657,7 +510,7 @@ def _quantise(y: np.ndarray, out: np.ndarray) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Light and geometry parameters that belong with the pixel model
+# Light and sensor parameters that belong with the pixel model
 # ---------------------------------------------------------------------------------------------
 
 def temperature(kelvin: float) -> tuple[float, float, float]:
@@ -710,18 +563,3 @@ def light_params(r: np.random.Generator, name: str, P: dict, noise: float) -> No
     P["noise"] = noise
 
 
-def project(P: dict) -> list[tuple[float, float]]:
-    """Landmarks (5 (x, y) in template units) through the pixels' yaw/roll/scale/offset.
-
-    Also sets P['delta'], the horizontal shift that keeps the landmarks' mean x where the frontal
-    face has it (what alignment would do), so faces stay on the template under yaw.
-    """
-    lift = 2.2 * P["smile"]  # mouth-corner rise, matches _render's mouth line at |t| = 1
-    X = (-P["eye_dx"], P["eye_dx"], 0.0, -P["mouth_w"], P["mouth_w"])
-    Y = (P["eye_y"], P["eye_y"], P["nose_y"], P["mouth_y"] - lift, P["mouth_y"] - lift)
-    R, yc, ys = P["head_r"], P["yaw_c"], P["yaw_s"]
-    xp = [x * yc + math.sqrt(R * R - x * x) * ys for x in X]
-    P["delta"] = delta = sum(x - q for x, q in zip(X, xp)) / 5
-    c, s, k = P["roll_c"], P["roll_s"], P["scale"]
-    return [(C0 + P["off_x"] + k * (c * (q + delta) - s * (y - C0)),
-             C0 + P["off_y"] + k * (s * (q + delta) + c * (y - C0))) for q, y in zip(xp, Y)]

@@ -5,9 +5,10 @@ vectorised call (`SynthFaces.render_batch`), ~an order of magnitude faster than 
 faces one by one, so the pipeline shuffles and batches *indices* and maps the batch renderer over
 them. Sources without `render_batch` (real-format readers) are read item by item and stacked.
 
-Multi-host: each process reads its own slice `[process_index::process_count]` of the index
-stream and produces `batch_size / process_count` examples; `parallel.global_batch` assembles the
-global array. The iterator is checkpointable (`grain.checkpoint.CheckpointSave`), so a resumed
+Multi-host: the global index stream is shuffled and batched identically in every process;
+each process keeps its contiguous `batch_size / process_count` rows of every global batch and
+renders only those; `parallel.global_batch` assembles the global array. So the global batches do
+not depend on the process count. The iterator is checkpointable (`grain.checkpoint.CheckpointSave`), so a resumed
 run continues the same example stream.
 
 Defaults sized for small machines: grain's stock ReadOptions use 16 threads and a 500-element
@@ -90,6 +91,14 @@ def _worker_init(worker_index: int, worker_count: int) -> None:
     _ensure_flags_parsed()
 
 
+class _RowSlice(grain.transforms.Map):
+    def __init__(self, start: int, stop: int):
+        self.start, self.stop = start, stop
+
+    def map(self, indices):
+        return np.asarray(indices)[self.start:self.stop]
+
+
 class RenderBatch(grain.transforms.Map):
     """Maps a batch of indices to a dict of stacked arrays, keeping only `keys`.
 
@@ -138,14 +147,18 @@ def batch_iterator(source, *, batch_size: int, seed: int, shuffle: bool = True,
     if batch_size % pc:
         raise ValueError(f"batch_size={batch_size} is not divisible by {pc} processes")
     local_bs = batch_size // pc
+    # Shuffle and batch the *global* index stream, then keep this process's contiguous rows:
+    # every process count sees the same global batches (a 2-host run equals a 1-host run, and a
+    # run resumed on another topology continues the same stream). Only indices are shared;
+    # each process renders / decodes just its own rows.
     ds = grain.MapDataset.range(len(source))
-    if pc > 1:
-        ds = ds[pi::pc]
     if shuffle:
         ds = ds.seed(seed).shuffle()
     if repeat:
         ds = ds.repeat()
-    ds = ds.batch(local_bs, drop_remainder=drop_remainder)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    if pc > 1:
+        ds = ds.map(_RowSlice(pi * local_bs, (pi + 1) * local_bs))
     ds = ds.map(RenderBatch(source, keys, rename))
     if transform is not None:
         ds = ds.map(transform)

@@ -47,8 +47,10 @@ from typing import Any
 
 import numpy as np
 
-from lowlight.data import _render
+from lowlight.data import _faces, _render
 from lowlight.data import conditions as cond
+from lowlight.data._faces import clip as _clip
+from lowlight.data._faces import pick as _pick
 
 VERSION = "synthfaces-v1"  # bump when a change alters pixels of an existing spec
 
@@ -81,20 +83,6 @@ _NZ, _NW = 40, 16
 _CHUNK_PIXELS = 4 * 112 * 112  # pixels per vectorised pass: amortises calls, stays in cache
 _ETH_PROBS = (0.42, 0.19, 0.14, 0.17, 0.08)  # roughly UTKFace's mix
 
-# Linear-light albedos (display value squared, gamma 2).
-_SKIN = ((0.74, 0.52, 0.40), (0.19, 0.10, 0.06), (0.70, 0.50, 0.34),
-         (0.45, 0.26, 0.16), (0.56, 0.36, 0.23))
-_SKIN_SPREAD = (0.12, 0.28, 0.12, 0.18, 0.22)
-_HAIR = ((0.020, 0.018, 0.016), (0.055, 0.034, 0.020), (0.13, 0.075, 0.040),
-         (0.28, 0.18, 0.09), (0.52, 0.40, 0.21), (0.33, 0.10, 0.04))
-_HAIR_PROBS = ((0.14, 0.30, 0.25, 0.13, 0.13, 0.05), (0.75, 0.22, 0.03, 0, 0, 0),
-               (0.70, 0.27, 0.03, 0, 0, 0), (0.68, 0.28, 0.04, 0, 0, 0),
-               (0.40, 0.38, 0.15, 0.05, 0.02, 0))
-_IRIS = ((0.045, 0.022, 0.010), (0.11, 0.055, 0.022), (0.09, 0.16, 0.24),
-         (0.09, 0.15, 0.07))
-_STYLES = ("short", "buzz", "medium", "long", "bangs", "bun")
-_STYLE_PROBS = ((0.50, 0.20, 0.16, 0.04, 0.08, 0.02), (0.08, 0.01, 0.30, 0.40, 0.13, 0.08))
-
 
 # ---------------------------------------------------------------------------------------------
 # Random streams (exact arithmetic only: no libm, so draws are identical on every machine)
@@ -107,20 +95,6 @@ def _rng(*key: int) -> np.random.Generator:
 def _gauss(r: np.random.Generator, n: int) -> list[float]:
     """n unit-variance near-Gaussian draws (Irwin-Hall: sum of 4 uniforms), bounded by +-3.46."""
     return ((r.random((n, 4)).sum(1) - 2.0) * math.sqrt(3.0)).tolist()
-
-
-def _pick(u: float, probs: Sequence[float]) -> int:
-    """Index i with cumulative probability (normalised) just above u."""
-    total, acc = sum(probs), 0.0
-    for i, q in enumerate(probs):
-        acc += q
-        if u * total < acc:
-            return i
-    return len(probs) - 1
-
-
-def _clip(x, lo, hi):
-    return min(max(x, lo), hi)
 
 
 @functools.lru_cache(maxsize=8192)
@@ -155,111 +129,8 @@ def _person(seed: int, identity: int, lookalike_rate: float):
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-sample parameters
+# Per-sample parameters (the face itself: lowlight.data._faces)
 # ---------------------------------------------------------------------------------------------
-
-def _face_params(z, w, gender: int, eth: int, age: int, base_age: int) -> dict[str, float]:
-    """Identity geometry and albedo (template units), shaped by the attributes."""
-    ch = _clip((16 - age) / 14, 0.0, 1.0)  # childness
-    old = _clip((age - 30) / 50, 0.0, 1.0)
-    fem, male = float(gender), 1.0 - gender
-    asian, black, white = float(eth == 2), float(eth == 1), float(eth == 0)
-    P = {}
-    P["eye_y"] = 51.6 + 1.1 * z[0] + 1.0 * ch
-    P["eye_dx"] = 17.6 + 0.9 * z[1]
-    P["eye_w"] = 5.6 + 0.45 * z[2] + 0.6 * ch + 0.2 * fem
-    P["eye_h"] = 2.5 + 0.35 * z[3] - 0.45 * asian + 0.3 * ch
-    P["eye_tilt"] = 0.5 * z[4] + 0.4 * asian
-    P["brow_gap"] = 8.5 + 0.9 * z[5] + 0.6 * fem - 0.8 * old
-    P["brow_th"] = max(0.8, 1.7 + 0.4 * z[6] + 0.5 * male - 0.4 * fem)
-    P["brow_arch"] = 1.2 + 0.6 * z[7] + 0.8 * fem
-    P["brow_len"] = 9.5 + 0.9 * z[8]
-    P["brow_dens"] = _clip(0.85 + 0.1 * z[34] - 0.1 * fem - 0.3 * ch, 0.4, 1.0)
-    P["nose_y"] = 71.7 + 1.4 * z[9] - 2.0 * ch
-    P["nose_w"] = (6.2 + 0.7 * z[10] + (-0.3, 1.6, 0.6, 0.4, 0.4)[eth] - 0.8 * ch - 0.4 * fem)
-    P["nose_h"] = max(1.5, 4.0 + 1.0 * z[11] + (1.2, -0.5, -1.5, 0.5, 0.0)[eth] - 3.0 * ch)
-    P["mouth_y"] = 92.3 + 1.4 * z[12] - 3.5 * ch
-    P["mouth_w"] = 14.6 + 1.1 * z[13] - 1.5 * ch
-    P["lip_u"] = max(1.0, 2.4 + 0.45 * z[14] + 0.8 * black + 0.3 * fem - 0.6 * old)
-    P["lip_l"] = max(1.2, 3.2 + 0.5 * z[15] + 0.9 * black + 0.3 * fem - 0.6 * old)
-    P["face_w"] = 37.5 + 1.8 * z[16] + 1.0 * male + 1.0 * ch + 0.8 * asian
-    P["face_top"] = 10.0 + 2.5 * z[17] - 4.0 * ch
-    P["chin_y"] = 110.0 + 2.2 * z[18] - 2.0 * ch + 1.0 * male
-    P["jaw_y"] = P["nose_y"] + 2.0
-    P["jaw_taper"] = _clip(0.38 + 0.08 * z[19] + 0.08 * fem - 0.10 * male + 0.05 * ch
-                           - 0.08 * old, 0.15, 0.6)
-    P["cheek_h"] = 2.0 + 0.7 * z[20] + 1.0 * ch
-    P["face_depth"] = 26.0 + 3.0 * z[32]
-    P["socket"] = 2.5 + 0.6 * z[24] + 1.0 * white - 0.5 * ch
-    P["ear_y"] = P["nose_y"] - 6.0 + 1.2 * z[33]
-    P["ear_w"], P["ear_h"] = 4.0, 10.5
-    P["head_r"] = P["face_w"] + 6.0
-    # skin: ethnicity prior x lightness x redness; pores/blotches; blush; shine; wrinkles
-    L = 1.0 + _SKIN_SPREAD[eth] * _clip(z[21], -2.5, 2.5) * 0.6
-    sk = (_SKIN[eth][0] * L * (1 + 0.05 * z[22] + 0.03 * ch), _SKIN[eth][1] * L,
-          _SKIN[eth][2] * L * (1 - 0.07 * z[22]))
-    P["skin_r"], P["skin_g"], P["skin_b"] = (_clip(c, 0.02, 0.9) for c in sk)
-    P["tex_amp"] = 0.025 + 0.01 * abs(z[23]) + 0.03 * old
-    P["tex_ox"], P["tex_oy"] = w[11], w[12]
-    P["blush"] = _clip(0.06 + 0.04 * z[31] + 0.03 * fem + 0.04 * ch, 0.0, 0.2)
-    P["spec_k"] = _clip(0.12 + 0.05 * z[30], 0.02, 0.3)
-    P["wrinkle"] = old * _clip(0.6 + 0.25 * z[35], 0.1, 1.0) * 0.35
-    # eyes
-    P["sclera_r"], P["sclera_g"], P["sclera_b"] = 0.62, 0.58, 0.55
-    iris = _pick(w[6], (0.15, 0.30, 0.35, 0.20) if eth == 0 else (0.8, 0.2, 0, 0))
-    P["iris_r"], P["iris_g"], P["iris_b"] = _IRIS[iris]
-    P["iris_rad"] = 0.42 * P["eye_w"]
-    P["lash"] = 0.55 + 0.15 * fem
-    # hair: colour by ethnicity, greying with age; style by gender (baldness with age)
-    hk = (1 + 0.15 * _clip(z[28], -2, 2)) * (1 + 0.8 * ch * (eth == 0))  # fair-haired children
-    grey = _clip((age - 38 - 8 * z[29]) / 35, 0.0, 1.0)
-    P["hair_r"], P["hair_g"], P["hair_b"] = (
-        c * hk * (1 - grey) + g * grey
-        for c, g in zip(_HAIR[_pick(w[4], _HAIR_PROBS[eth])], (0.55, 0.55, 0.53)))
-    bald = gender == 0 and w[9] < _clip((base_age - 30) / 70, 0.0, 0.6)
-    style = "bald" if bald else _STYLES[_pick(w[5], _STYLE_PROBS[gender])]
-    vol = {"buzz": 1.5, "bald": 2.0}.get(style, 5.0 + 1.2 * _clip(z[27], -2, 2))
-    P["hair_rx"] = P["face_w"] + 1.0 + 0.6 * vol
-    P["hair_cy"] = P["eye_y"] + 4.0
-    P["hair_ry"] = P["hair_cy"] - (P["face_top"] - vol)
-    P["hair_vol"] = 4.0 + vol
-    P["hairline"] = P["face_top"] + 9.0 + 2.0 * z[25] - 3.0 * ch
-    P["recess"] = 6.0 + 8.0 * old * male
-    P["part"] = 6.0 * _clip(z[26], -1.5, 1.5)
-    P["fringe"], P["crown"], P["long"], P["hair_density"] = 0.0, 1.0, 0.0, 1.0 - 0.2 * ch
-    P["long_w"], P["long_len"] = P["face_w"] + 7.0 + 1.5 * z[27], 125.0 + 10.0 * z[28]
-    P["side_cov"], P["side_len"] = 1.0, P["eye_y"] - 4.0
-    P["hair_bottom"] = P["ear_y"] + 2.0
-    if style == "buzz":
-        P["hair_density"], P["side_cov"], P["side_len"] = 0.6, 0.5, P["eye_y"] - 6.0
-        P["hair_bottom"] = P["ear_y"] - 3.0
-    elif style == "medium":
-        P["side_cov"], P["side_len"], P["hair_bottom"] = 5.0, P["mouth_y"] - 6.0, P["mouth_y"] + 5
-    elif style == "long":
-        P["side_cov"], P["side_len"], P["long"] = 6.0, 140.0, 1.0
-        P["hair_bottom"] = 140.0
-    elif style == "bangs":
-        P["hairline"] = P["eye_y"] - P["brow_gap"] - 4.5 + 1.0 * z[25]
-        P["fringe"], P["recess"], P["side_cov"], P["side_len"] = 1.0, 0.5, 4.0, P["mouth_y"]
-        P["long"] = float(w[13] < 0.5)
-        P["hair_bottom"] = P["mouth_y"] + 5
-    elif style == "bun":
-        P["side_cov"], P["side_len"] = 0.5, P["eye_y"] - 8.0
-    elif style == "bald":
-        P["crown"], P["hairline"], P["side_cov"] = 0.0, P["face_top"] - 20.0, 0.0
-    P["strand_ox"], P["strand_oy"] = w[14], w[15]
-    # beard (adult men): none / stubble / moustache / full
-    kind = _pick(w[7], (0.55, 0.20, 0.08, 0.17)) if (gender == 0 and age >= 17) else 0
-    P["beard"] = (0.0, 0.35, 0.0, 0.9)[kind]
-    P["moustache"] = (0.0, 0.0, 0.9, 0.9)[kind]
-    P["beard_top"] = P["nose_y"] + 9.0 - 1.5 * _clip(z[35], -1, 1)
-    # lips: skin tinted, or lipstick
-    lip = (P["skin_r"] * 0.85, P["skin_g"] * 0.45, P["skin_b"] * 0.5)
-    if gender == 1 and age >= 16 and w[10] < 0.3:
-        lip = (0.42, 0.05, 0.08)
-    P["lip_r"], P["lip_g"], P["lip_b"] = lip
-    return P
-
 
 def _nuisance(r: np.random.Generator, P: dict, o: Mapping, clutter: bool) -> tuple[int, float]:
     """Adds per-image pose / expression / background parameters to P.
@@ -477,14 +348,14 @@ class SynthFaces:
         N = {}
         drift, eye_open = _nuisance(r, N, o, o["clutter"])
         age = _clip(base_age + drift, 1, 100)
-        P = _face_params(z, w, gender, eth, age, base_age)
+        P = _faces.face_params(z, w, gender, eth, age, base_age)
         P.update(N)
         P["eye_h"] *= eye_open
         P["gaze_x"] *= P["eye_w"] / 5.6
         P["neck_w"] = 0.55 * P["face_w"]
         name = condition if condition is not None else self._condition(u_cond)
         _render.light_params(r, name, P, o["noise"])
-        lm = _render.project(P)
+        lm = _faces.project(P)
         attrs = (identity, age, gender, eth, name)
         return P, lm, attrs
 

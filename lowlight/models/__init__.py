@@ -9,6 +9,8 @@ Conventions every model follows:
   * `__call__(x, *, train: bool)`; BatchNorm statistics in the `batch_stats` collection;
     under `jax.jit` with a batch sharded over devices, BatchNorm already reduces over the global
     batch (the compiler inserts the cross-device reduction), so no `axis_name`/`pmean` is needed;
+  * `dtype` (a jnp dtype or its name, e.g. "bfloat16") is the compute dtype; parameters stay
+    float32, and heads / losses compute in float32 (mixed precision);
   * embedding models return `(embedding, aux)` where `aux["norm"]` is the unnormalised
     embedding norm (AdaFace / MagFace need it).
 """
@@ -56,5 +58,13 @@ def create(name: str, **kwargs: Any):
     """Builds the model registered under `name` with `kwargs` (see each factory's docstring)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(names())}")
+    if isinstance(kwargs.get("dtype"), str):  # configs say dtype="bfloat16"
+        import jax.numpy as jnp
+
+        try:
+            kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+        except TypeError:
+            raise ValueError(f"model {name!r}: unknown dtype {kwargs['dtype']!r}; valid: "
+                             "float32, bfloat16, float16") from None
     module_name, factory = _REGISTRY[name].split(":")
     return getattr(importlib.import_module(module_name), factory)(**kwargs)
