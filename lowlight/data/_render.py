@@ -273,11 +273,16 @@ def _render_chunk(keys: tuple[str, ...], pos: dict[str, int], cols: np.ndarray, 
     hair_col = lambda tex: rgb("hair") * (_F(0.7) + _F(0.45) * _clip(tex + 1, 0, 2.5))[:, None]
     hb = _View(box["hair"], A=A, u0=u0, adu=adu, v=v, tex=hair_tex)
     hm, hr2 = _ellipse(hb.u0, hb.v, C0, p["hair_cy"], p["hair_rx"], p["hair_ry"], iw)
-    hm *= np.maximum(p["crown"], _ramp(hb.adu - (p["face_w"] - 5), iw))  # bald: sides only
+    # (the factors below are exactly 1 / 0 for a crown / no long hair: skipped if so for all)
+    if not P["crown"].all():
+        hm *= np.maximum(p["crown"], _ramp(hb.adu - (p["face_w"] - 5), iw))  # bald: sides only
     hm *= _ramp(p["hair_bottom"] - hb.v, iw)
-    longm = (_ramp(p["long_w"] - hb.adu, iw) * _ramp(hb.v - p["hair_cy"], iw)
-             * _ramp(p["long_len"] - hb.v - _F(0.12) * hb.adu, iw * _F(0.25))) * p["long"]
-    hair_out = np.maximum(hm, longm) * p["hair_density"]  # (hair box)
+    hair_out = hm
+    if P["long"].any():
+        hair_out = np.maximum(hm, (_ramp(p["long_w"] - hb.adu, iw) * _ramp(hb.v - p["hair_cy"], iw)
+                                   * _ramp(p["long_len"] - hb.v - _F(0.12) * hb.adu, iw * _F(0.25)))
+                              * p["long"])
+    hair_out = hair_out * p["hair_density"]  # (hair box)
     hair_rgb = hair_col(hb.tex)
     _lerp(hb.A, hair_out, hair_rgb)
     h = np.zeros((B, size, size), _F)  # height field, template units towards the camera

@@ -37,7 +37,10 @@ def make_embed_fn(model, mesh, *, batch_size: int, flip: bool = True):
             pad = batch_size - len(chunk)
             if pad:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-            out.append(np.asarray(fn(params, batch_stats, chunk))[:batch_size - pad])
+            # A global array built from data every process holds (multi-host safe: each
+            # process supplies its devices' rows; numpy inputs only work single-process).
+            arr = jax.make_array_from_callback(chunk.shape, bsh, lambda idx, c=chunk: c[idx])
+            out.append(np.asarray(fn(params, batch_stats, arr))[:batch_size - pad])
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
     return embed
