@@ -178,11 +178,11 @@ def run(config, workdir: str, *, mesh, init, abstract, shardings, step_fn, data_
                     last.update(writer.write(done, {"early_stopped": 1.0,
                                                     "best_step": float(stopper.best_step)}))
             force = done == stop or preempt.requested or early
-            ckpt.save(done, state, data_iter, metrics=eval_metrics, force=force)
+            saved = ckpt.save(done, state, data_iter, metrics=eval_metrics, force=force)
             if early:
                 break
             if preempt.requested or ckpt.reached_preemption(done):
-                if not force:
+                if not saved:  # (the signal may arrive after `force` was computed)
                     ckpt.save(done, state, data_iter, force=True)
                 logging.warning("preempted: checkpoint at step %d saved; exiting", done)
                 break

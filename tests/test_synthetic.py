@@ -148,7 +148,7 @@ _PIXELS = ("image", "canonical", "skin_mask", "landmarks")
 
 def _chunk(size: int) -> int:
     """Images per vectorised pass of the renderer at `size`."""
-    return max(1, synthetic._CHUNK_PIXELS // (size * size))
+    return synthetic._chunk_size(size)
 
 
 def _compositions(idx: np.ndarray, chunk: int, rng: np.random.Generator) -> list[np.ndarray]:

@@ -207,8 +207,10 @@ def chunk_boxes(keys: tuple[str, ...], cols: np.ndarray, size: int,
     of its images' boxes; a feature whose strength is 0 in every image of the chunk (wrinkles,
     beard) gets no box, and the renderer skips it (it would be exactly 0 anyway).
     """
-    f = dict(zip(_KEYS64, cols[rows(keys, _KEYS64)].astype(np.float64)))
-    reg = regions(f, size)
+    F = cols[rows(keys, _KEYS64)].astype(np.float64)
+    f = dict(zip(_KEYS64, F))
+    # one image (ds[i]): Python floats are ~10x cheaper than 1-element arrays
+    reg = regions(dict(zip(_KEYS64, F[:, 0].tolist())) if F.shape[1] == 1 else f, size)
     starts = np.arange(0, cols.shape[1], chunk)
     lo, hi = np.minimum.reduceat, np.maximum.reduceat
     r0, r1, c0, c1 = pixel_bounds(f, size, reg)
@@ -237,11 +239,12 @@ def regions(f: dict[str, np.ndarray], size: int) -> dict[str, tuple]:
     `_ramp(d, iw * a)` is non-zero for d > -w / (2a), `_ellipse` with radii (ax, ay) for
     r2 < 1 + w / min(ax, ay), `_bump` strictly inside its ellipse.
 
-    `f`: float64 parameters ((B,) arrays). Returns name -> (du_lo, du_hi, v_lo, v_hi), du =
-    u0 - midline (NaN du bounds: all columns).
+    `f`: float64 parameters ((B,) arrays, or floats for one image). Returns name -> (du_lo,
+    du_hi, v_lo, v_hi), du = u0 - midline (NaN du bounds: all columns).
     """
     w = TEMPLATE / (size * f["scale"])
-    sqrt, lo, hi = np.sqrt, np.minimum, np.maximum
+    sqrt, lo, hi = ((math.sqrt, min, max) if isinstance(w, float) else
+                    (np.sqrt, np.minimum, np.maximum))
     ey, ny, my, fw, nw, mw = (f[k] for k in ("eye_y", "nose_y", "mouth_y", "face_w", "nose_w",
                                              "mouth_w"))
     zero = ey * 0
@@ -249,14 +252,14 @@ def regions(f: dict[str, np.ndarray], size: int) -> dict[str, tuple]:
     # hair outline (ellipse cut at hair_bottom), long hair (its end a ramp with iw / 4)
     rx, ry = f["hair_rx"], f["hair_ry"]
     hair = (f["hair_cy"] - ry * sqrt(1 + w / lo(rx, ry)),
-            hi(f["hair_bottom"] + w / 2, np.where(f["long"] > 0, f["long_len"] + 2 * w, 0)))
+            hi(f["hair_bottom"] + w / 2, (f["long"] > 0) * (f["long_len"] + 2 * w)))
     # clothes: the neckline rises 0.35 per unit beyond |u - C0| = 12, and |u - C0| <= u_max
-    u_max = ((np.abs(f["roll_c"]) + np.abs(f["roll_s"]))
-             * (C0 + hi(np.abs(f["off_x"]), np.abs(f["off_y"])) + 1) / f["scale"])
+    u_max = ((abs(f["roll_c"]) + abs(f["roll_s"]))
+             * (C0 + hi(abs(f["off_x"]), abs(f["off_y"])) + 1) / f["scale"])
     ear = f["ear_h"] * sqrt(1 + w / lo(f["ear_w"], f["ear_h"]))
     # eyes: socket / ridge / bag bumps; lens |te| < 1; lashes |te| < t_lash, |v - top| < w / 0.7;
     # brows |tb| < tb_max (about eye_dx + 1), centre between b_hi and b_lo, half-height <= th
-    ew, eh, tilt, gap = f["eye_w"], f["eye_h"], np.abs(f["eye_tilt"]), f["brow_gap"]
+    ew, eh, tilt, gap = f["eye_w"], f["eye_h"], abs(f["eye_tilt"]), f["brow_gap"]
     t_lash = 1.15 + w / (2 * ew)
     tb_max = sqrt(1 + w / (2 * f["brow_len"]))
     b_hi = ey - gap - f["brow_raise"] - hi(f["brow_arch"], 0)
@@ -309,7 +312,7 @@ def pixel_bounds(f: dict[str, np.ndarray], size: int, reg: dict[str, tuple]) -> 
     """
     s, c, sn, ox, oy, yc, ys, R, dl = (f[k][:, None] for k in (
         "scale", "roll_c", "roll_s", "off_x", "off_y", "yaw_c", "yaw_s", "head_r", "delta"))
-    vals = np.array(list(reg.values())).transpose(1, 2, 0)  # (4, B, K)
+    vals = np.array(list(reg.values()), np.float64).reshape(len(reg), 4, -1).transpose(1, 2, 0)
     has_cols = ~np.isnan(vals[0])
     lo_u, hi_u = np.where(has_cols, vals[0], 0.0), np.where(has_cols, vals[1], 0.0)
     lo_v, hi_v = vals[2] - C0 - 1.0, vals[3] - C0 + 1.0

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 #: Dataset names `config.data.name` may take.
-DATASETS: tuple[str, ...] = ("synth", "utkface")
+DATASETS: tuple[str, ...] = ("synth", "utkface", "prepared")
 
 
 #: Paper A's dataset variants: the source itself, DistortionFace, NaturalFace.
@@ -55,6 +55,16 @@ def make_source(cfg):
         src = UTKFace(cfg.root, split=cfg.get("split", "train"), seed=cfg.seed,
                       size=cfg.size, face_crop={"no_face": "center"} if crop else None,
                       validate=cfg.get("validate", True))
+    # -- prepared (tools/prepare.py output; lowlight.data.prepared) ---------------------------
+    elif cfg.name == "prepared":
+        from lowlight.data.prepared import PreparedSource
+
+        if not cfg.get("root"):
+            raise ValueError("config.data.root: the prepared dataset folder (tools/prepare.py "
+                             "--out, or its <name>/1.0.0 folder) is required for "
+                             "data.name='prepared'")
+        src = PreparedSource(cfg.root, split=cfg.get("split", "train"))
+    # -----------------------------------------------------------------------------------------
     else:
         raise ValueError(f"unknown dataset (config.data.name) {cfg.name!r}; "
                          f"valid: {', '.join(DATASETS)}")

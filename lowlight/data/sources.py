@@ -447,3 +447,33 @@ class UTKFace:
     def __repr__(self) -> str:
         return (f"UTKFace(root={self.root!r}, split={self.split!r}, seed={self.seed}, "
                 f"len={len(self)}, skipped={self.skip_counts})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers in their own modules, re-exported here. Lazily (PEP 562): those modules import the
+# helpers above, so an eager import at this point would fail whenever one of them is imported
+# before this file ("partially initialized module").
+# ---------------------------------------------------------------------------------------------
+
+_REEXPORTS = {
+    "RecordIO": "lowlight.data.recordio",
+    "RecordIOError": "lowlight.data.recordio",
+    "write_recordio": "lowlight.data.recordio",
+    "read_verification_bin": "lowlight.data.verification_sets",
+    "write_verification_bin": "lowlight.data.verification_sets",
+    "VerificationBin": "lowlight.data.verification_sets",
+    "UnsafePickleError": "lowlight.data.verification_sets",
+    "LFWPairs": "lowlight.data.verification_sets",
+    "ImageFolder": "lowlight.data.image_folder",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _REEXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,614 @@
+"""MXNet RecordIO (`train.rec` + `train.idx`) in pure Python + numpy: insightface's training packs.
+
+MS1M-ArcFace, MS1M-RetinaFace, Glint360K, WebFace and CASIA packs ship as RecordIO. Reading them
+here needs neither mxnet nor its C library; `write_recordio` writes the same layout (for tests,
+benchmarks and converting folders into packs).
+
+Framing (dmlc-core `recordio.h` / `recordio.cc`, which mxnet uses):
+  * A record on disk is one or more parts. Each part: the magic word 0xced7230a (uint32 LE), a
+    uint32 LE `lrec` = cflag << 29 | length (upper 3 bits: continuation flag, lower 29 bits:
+    byte count), `length` payload bytes, zero padding to a multiple of 4.
+  * cflag 0 = whole record; 1 = first part, 2 = middle part, 3 = last part. dmlc's writer splits a
+    record exactly where its payload holds the magic word at a 4-byte aligned position and drops
+    those 4 bytes, so the reader re-inserts the magic between parts when it joins them (this is
+    what keeps a reader that re-synchronises on the magic from mistaking data for a boundary).
+    `frame` reproduces the writer byte for byte, `read`/`iter_records` the joining.
+  * `.idx`: text lines `key<TAB>offset`, offset = byte position of the record's first part
+    (`MXIndexedRecordIO.write_idx`). Keys are integers in insightface and im2rec packs.
+
+Record payload (`mx.recordio.pack`): an IRHeader `(flag, label, id, id2)` packed as `<IfQQ` (24
+bytes; mxnet packs native 'IfQQ', which has the same layout on every little-endian machine),
+then, when flag > 0, `flag` float32 labels (the header's own label field is then 0 and the label
+is the first of those floats), then the encoded image (JPEG/PNG).
+
+insightface layout (what `recognition/arcface_torch/dataset.py` MXFaceDataset reads): record 0 is
+a header with flag > 0 and no image whose labels are (id_start, id_end); image records are keys
+1 .. id_start-1; keys id_start .. id_end-1 are one record per identity, labels (first, last+1)
+of that identity's image keys. MXFaceDataset uses `range(1, int(header.label[0]))` when record
+0's flag > 0, otherwise every key of the .idx. Packs made by im2rec have no header.
+
+Rules chosen here:
+  * Header detection (`header=None`): record 0 is a header when its flag > 0 *and* it carries no
+    image bytes (insightface writes `pack(header, b'')`); MXFaceDataset checks only flag > 0,
+    which would also swallow an image record 0 with a multi-float label. `header=True/False`
+    forces it. With a header, image keys are 1..id_start-1; keys the .idx lacks are skipped
+    ("missing_key"). Without, image records are all keys in .idx order.
+  * Index: `scan=False` needs the .idx; `scan=True` rebuilds it by walking the .rec (keys =
+    record ordinals, which is what im2rec and insightface's packers write) and `write_idx=True`
+    saves it. At construction the .idx offsets are checked against the file size and the
+    record at the largest offset is read, so a truncated .rec fails at once with a
+    `RecordIOError` naming the file and the record's offset (as it does at access time).
+  * Corrupt images: nothing is skipped at access time (that would make `ds[i]` depend on what
+    was read before); `ds[i]` raises `CorruptImageError` naming `rec[key=K]` every time, unless
+    the reader was built with `validate=True`, which decodes every image once and drops the
+    failures ("corrupt"), counting repairs (grey, alpha, 16-bit, size) as well.
+  * Repairs: channels/depth by `sources.to_uint8_rgb`; with `size` every image is resized to
+    size x size.
+  * Processes: the file is opened lazily per process (reopened when the pid changes, i.e. after
+    fork) and read with `os.pread` (no shared file position, so threads are safe); pickling
+    drops the handle, so readers travel to grain workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import numbers
+import operator
+import os
+import struct
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from lowlight.data import sources
+from lowlight.data.image_folder import (
+    check_size,
+    decode_noting,
+    encode_image,
+    note_repairs,
+    report_repairs,
+)
+from lowlight.data.sources import CorruptImageError, decode_image, resize_square
+
+MAGIC = 0xCED7230A
+_MAGIC_BYTES = struct.pack("<I", MAGIC)
+_FRAME = struct.Struct("<II")
+_IR = struct.Struct("<IfQQ")
+_LEN_BITS = 29
+_LEN_MASK = (1 << _LEN_BITS) - 1
+_DEFAULT_READ = 1 << 16  # first read of a record whose extent is unknown
+
+IRHeader = collections.namedtuple("IRHeader", ["flag", "label", "id", "id2"])
+IRHeader.__doc__ = """mxnet's image record header; label is a float or, when flag > 0, a float32
+array of `flag` labels."""
+
+
+class RecordIOError(ValueError):
+    """A malformed or truncated RecordIO file; names the file and the record's byte offset."""
+
+    def __init__(self, path: str, offset: int, reason: str):
+        super().__init__(f"{path}: record at byte offset {offset}: {reason}")
+        self.path, self.offset, self.reason = path, offset, reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Payload (IRHeader) and framing
+# ---------------------------------------------------------------------------------------------
+
+
+def pack(header: IRHeader | tuple, payload: bytes) -> bytes:
+    """`mx.recordio.pack`: IRHeader (+ float32 labels when the label is a sequence) + payload."""
+    flag, label, id_, id2 = header
+    if isinstance(label, numbers.Number):
+        return _IR.pack(0, float(label), int(id_), int(id2)) + bytes(payload)
+    labels = np.asarray(label, np.float32).reshape(-1)
+    if labels.size == 0:
+        raise ValueError("a sequence label must hold at least one value")
+    return _IR.pack(labels.size, 0.0, int(id_), int(id2)) + labels.astype("<f4").tobytes() + \
+        bytes(payload)
+
+
+def unpack(record: bytes, name: str = "<record>") -> tuple[IRHeader, bytes]:
+    """`mx.recordio.unpack`: (IRHeader, the rest: usually an encoded image)."""
+    if len(record) < _IR.size:
+        raise ValueError(f"{name}: record of {len(record)} bytes is shorter than an IRHeader "
+                         f"({_IR.size} bytes)")
+    flag, label, id_, id2 = _IR.unpack_from(record)
+    rest = record[_IR.size:]
+    if flag > 0:
+        if len(rest) < 4 * flag:
+            raise ValueError(f"{name}: IRHeader announces {flag} float labels, record holds "
+                             f"{len(rest)} bytes after the header")
+        label = np.frombuffer(rest, "<f4", flag).astype(np.float32)
+        rest = rest[4 * flag:]
+    return IRHeader(flag, label, id_, id2), rest
+
+
+def _label_value(header: IRHeader) -> float:
+    return float(header.label[0]) if header.flag > 0 else float(header.label)
+
+
+def frame(record: bytes) -> bytes:
+    """A record as dmlc's `RecordIOWriter::WriteRecord` writes it (parts split at aligned
+    occurrences of the magic word, which is dropped; zero padding to 4 bytes)."""
+    n = len(record)
+    if n >= 1 << _LEN_BITS:
+        raise ValueError(f"RecordIO records must be shorter than 2**29 bytes, got {n}")
+    out, start = [], 0
+    pos = record.find(_MAGIC_BYTES)
+    while 0 <= pos <= n - 4:
+        if pos % 4 == 0:
+            cflag = 1 if start == 0 else 2
+            out += [_FRAME.pack(MAGIC, cflag << _LEN_BITS | (pos - start)), record[start:pos]]
+            start = pos + 4
+        pos = record.find(_MAGIC_BYTES, pos + 1)
+    cflag = 3 if start else 0
+    out += [_FRAME.pack(MAGIC, cflag << _LEN_BITS | (n - start)), record[start:],
+            b"\0" * (-n % 4)]
+    return b"".join(out)
+
+
+def _read_record(read, path: str, offset: int, hint: int = _DEFAULT_READ) -> bytes:
+    """Reads and joins the record whose first part starts at `offset`.
+
+    `read(n, pos)` returns up to n bytes at pos (fewer at the end of the file); `hint` is the
+    first read's size (the record's extent when known: one system call per record).
+    """
+    buf = read(max(hint, 8), offset)
+
+    def covered(end: int) -> bool:
+        nonlocal buf
+        if offset + len(buf) < end:
+            buf += read(end - offset - len(buf), offset + len(buf))
+        return offset + len(buf) >= end
+
+    parts, pos, index = [], offset, 0
+    while True:
+        if not covered(pos + 8):
+            raise RecordIOError(path, offset, f"the file ends at byte {offset + len(buf)}, "
+                                f"inside the frame header at byte {pos} (truncated file?)")
+        magic, lrec = _FRAME.unpack_from(buf, pos - offset)
+        if magic != MAGIC:
+            raise RecordIOError(path, offset, f"no RecordIO magic at byte {pos} (found "
+                                f"0x{magic:08x}): the .idx does not belong to this .rec, or "
+                                "the file is corrupt")
+        cflag, length = lrec >> _LEN_BITS, lrec & _LEN_MASK
+        if cflag not in ((0, 1) if index == 0 else (2, 3)):
+            raise RecordIOError(path, offset, f"part {index} at byte {pos} has continuation "
+                                f"flag {cflag}")
+        if not covered(pos + 8 + length):
+            raise RecordIOError(path, offset, f"the part at byte {pos} announces {length} "
+                                f"bytes but the file ends at byte {offset + len(buf)} "
+                                "(truncated file?)")
+        start = pos - offset + 8
+        parts.append(buf[start:start + length])
+        pos += 8 + length + (-length % 4)
+        index += 1
+        if cflag in (0, 3):
+            return b"".join(parts)
+
+
+def iter_records(rec_path: str, *, payload: bool = True) -> Iterator[tuple[int, bytes | None]]:
+    """Walks a .rec sequentially: yields (offset of the record, joined record bytes or None).
+
+    `payload=False` skips the data (used to rebuild an index). Raises RecordIOError on a bad
+    magic, a bad continuation flag or a truncated file, naming the record's offset.
+    """
+    size = os.path.getsize(rec_path)
+    with open(rec_path, "rb", buffering=1 << 20) as f:
+        pos = 0
+        while pos < size:
+            start, parts, index = pos, [], 0
+            while True:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise RecordIOError(rec_path, start, f"the file ends at byte {size}, inside "
+                                        f"the frame header at byte {pos} (truncated file?)")
+                magic, lrec = _FRAME.unpack(head)
+                if magic != MAGIC:
+                    raise RecordIOError(rec_path, start, f"no RecordIO magic at byte {pos} "
+                                        f"(found 0x{magic:08x}): not a RecordIO file, or corrupt")
+                cflag, length = lrec >> _LEN_BITS, lrec & _LEN_MASK
+                if cflag not in ((0, 1) if index == 0 else (2, 3)):
+                    raise RecordIOError(rec_path, start, f"part {index} at byte {pos} has "
+                                        f"continuation flag {cflag}")
+                if pos + 8 + length > size:
+                    raise RecordIOError(rec_path, start, f"the part at byte {pos} announces "
+                                        f"{length} bytes but the file ends at byte {size} "
+                                        "(truncated file?)")
+                padded = length + (-length % 4)
+                if payload:
+                    parts.append(f.read(padded)[:length])
+                else:
+                    f.seek(padded, os.SEEK_CUR)
+                pos += 8 + padded
+                index += 1
+                if cflag in (0, 3):
+                    break
+            yield start, (_MAGIC_BYTES.join(parts) if payload else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Index files
+# ---------------------------------------------------------------------------------------------
+
+
+def scan_index(rec_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, offsets) int64 of every record, by walking the .rec; keys are record ordinals."""
+    offsets = np.fromiter((o for o, _ in iter_records(rec_path, payload=False)), np.int64)
+    return np.arange(len(offsets), dtype=np.int64), offsets
+
+
+def read_index(idx_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, offsets) int64 from a .idx (`key<TAB>offset` lines), in file order."""
+    with open(idx_path, "rb") as f:
+        data = f.read()
+    tokens = data.split()
+    lines = sum(1 for line in data.splitlines() if line.strip())
+    if len(tokens) != 2 * lines:
+        raise ValueError(f"{idx_path}: expected 'key<TAB>offset' on every line")
+    try:
+        keys = np.asarray(tokens[0::2]).astype(np.int64)
+        offsets = np.asarray(tokens[1::2]).astype(np.int64)
+    except ValueError:
+        raise ValueError(f"{idx_path}: keys and offsets must be integers (insightface and "
+                         "im2rec packs use integer keys)") from None
+    return keys.reshape(-1), offsets.reshape(-1)
+
+
+def write_index(idx_path: str, keys: Iterable[int], offsets: Iterable[int]) -> None:
+    """Writes a .idx atomically (temporary file + rename)."""
+    tmp = f"{idx_path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="ascii") as f:
+        f.writelines(f"{int(k)}\t{int(o)}\n" for k, o in zip(keys, offsets))
+    os.replace(tmp, idx_path)
+
+
+def _default_idx(rec_path: str) -> str:
+    return os.path.splitext(rec_path)[0] + ".idx"
+
+
+# ---------------------------------------------------------------------------------------------
+# Writer
+# ---------------------------------------------------------------------------------------------
+
+
+def write_recordio(rec_path: str, idx_path: str | None,
+                   samples: Iterable[tuple[np.ndarray | bytes, Any]], *, header: bool = True,
+                   ext: str = ".jpg", quality: int = 95) -> int:
+    """Writes an insightface-layout RecordIO pack (streaming: samples are consumed once).
+
+    Args:
+      rec_path: output .rec.
+      idx_path: output .idx, or None for rec_path with the extension replaced.
+      samples: (image, label) pairs. image: uint8 RGB (H, W, 3) / grey array (encoded with `ext`)
+        or encoded bytes (stored as is, even if corrupt: tests use that). label: an int/float
+        (flag 0) or a sequence of floats (flag = its length; the identity is its first value).
+      header: write insightface's record 0 (labels (id_start, id_end)) and, when each
+        identity's images are contiguous, one identity record per identity (labels (first key,
+        last key + 1)), in order of first appearance. Without contiguity only record 0 is
+        written (id_start == id_end) and a warning says so. header=False writes image records
+        only, keys from 0 (im2rec layout).
+      ext, quality: codec for array images.
+
+    Returns:
+      The number of image records.
+    """
+    idx_path = _default_idx(rec_path) if idx_path is None else idx_path
+    keys, offsets = [], []
+    ranges: dict[int, list[int]] = {}
+    contiguous, last = True, None
+    with open(rec_path, "wb") as f:
+
+        def put(key: int, record: bytes) -> None:
+            keys.append(key)
+            offsets.append(f.tell())
+            f.write(frame(record))
+
+        placeholder = pack(IRHeader(0, (0.0, 0.0), 0, 0), b"")  # rewritten once n is known
+        if header:
+            put(0, placeholder)
+        key = first = 1 if header else 0
+        for image, label in samples:
+            put(key, pack(IRHeader(0, label, key, 0), encode_image(image, ext, quality)))
+            ident = int(label) if isinstance(label, numbers.Number) else int(
+                np.asarray(label, np.float32).reshape(-1)[0])
+            if ident != last and ident in ranges:
+                contiguous = False
+            ranges.setdefault(ident, [key, key])[1] = key + 1
+            last, key = ident, key + 1
+        num_images = key - first
+        if header:
+            id_start = key
+            if contiguous:
+                for start, end in ranges.values():
+                    put(key, pack(IRHeader(0, (float(start), float(end)), key, 0), b""))
+                    key += 1
+            elif ranges:
+                logging.warning("write_recordio(%s): identities are not contiguous, so no "
+                                "identity records were written (header only)", rec_path)
+            if key >= 1 << 24:
+                raise ValueError(f"{rec_path}: {key} keys do not fit the float32 header labels "
+                                 "exactly (limit 2**24)")
+            record0 = frame(pack(IRHeader(0, (float(id_start), float(key)), 0, 0), b""))
+            assert len(record0) == len(frame(placeholder))
+            f.seek(0)
+            f.write(record0)
+    write_index(idx_path, keys, offsets)
+    return num_images
+
+
+# ---------------------------------------------------------------------------------------------
+# Reader
+# ---------------------------------------------------------------------------------------------
+
+
+class RecordIO:
+    """Random access to an MXNet RecordIO pack: `ds[i]` -> (image uint8 RGB (H, W, 3), label int).
+
+    See the module docstring for the layout and the rules (header detection, index rebuild,
+    corrupt images, processes). `len(ds)` is the number of image records.
+
+    Args:
+      rec_path: the .rec file.
+      idx_path: its .idx (default: rec_path with the extension replaced by .idx).
+      scan: rebuild the index by walking the .rec instead of reading the .idx.
+      write_idx: with scan, also write the rebuilt index to idx_path.
+      header: None (detect), True or False: whether record 0 is insightface's header.
+      size: resize images to size x size, or None to keep them as stored.
+      validate: decode every image at construction; drop the ones that fail.
+
+    Attributes:
+      keys, offsets: int64 (len,) key and byte offset of every image record.
+      header_label: record 0's labels (id_start, id_end) as floats, or None without a header.
+      skipped: reason -> record names ("missing_key", "corrupt"), repaired: repair -> names.
+      labels (property): int64 (len,), read lazily (one small read per record) and cached.
+      identity_ranges (property): int64 (num_ids, 2) from the identity records, lazily.
+    """
+
+    def __init__(self, rec_path: str, idx_path: str | None = None, *, scan: bool = False,
+                 write_idx: bool = False, header: bool | None = None, size: int | None = None,
+                 validate: bool = False):
+        self.rec_path = os.fspath(rec_path)
+        self.idx_path = _default_idx(self.rec_path) if idx_path is None else os.fspath(idx_path)
+        self.size = check_size(size)
+        self._fd, self._pid, self._lock = None, None, threading.Lock()
+        if not os.path.isfile(self.rec_path):
+            raise FileNotFoundError(f"RecordIO: {self.rec_path!r} not found")
+        self._file_size = os.path.getsize(self.rec_path)
+        if scan:
+            keys, offsets = scan_index(self.rec_path)
+            if write_idx:
+                write_index(self.idx_path, keys, offsets)
+        elif not os.path.isfile(self.idx_path):
+            raise FileNotFoundError(f"RecordIO: index {self.idx_path!r} not found; "
+                                    "RecordIO(..., scan=True) rebuilds it from the .rec "
+                                    "(add write_idx=True to save it)")
+        else:
+            keys, offsets = read_index(self.idx_path)
+            self._check_offsets(keys, offsets)
+        self._all_keys, self._all_offsets = keys, offsets
+        self._sorted = np.argsort(keys, kind="stable")
+        self._spans = self._extents(offsets)
+
+        skipped: dict[str, list[str]] = {}
+        positions = self._image_positions(header, skipped)
+        self.keys, self.offsets = keys[positions], offsets[positions]
+        self._hints = self._spans[positions]
+        self._labels: np.ndarray | None = None
+        self.repaired: dict[str, list[str]] = {}
+        if validate:
+            self._validate(skipped)
+        self.skipped = {r: v for r, v in skipped.items() if v}
+        self.validated = bool(validate)
+        total = len(self.keys) + sum(len(v) for v in self.skipped.values())
+        sources._report_skipped(type(self).__name__, self.rec_path, self.skipped, total)
+        report_repairs(type(self).__name__, self.rec_path, self.repaired, len(self.keys))
+
+    # -- index build --------------------------------------------------------------------------
+
+    def _check_offsets(self, keys: np.ndarray, offsets: np.ndarray) -> None:
+        bad = (offsets < 0) | (offsets + 8 > self._file_size)
+        if bad.any():
+            shown = ", ".join(f"key {k} at {o}" for k, o in zip(keys[bad][:5], offsets[bad][:5]))
+            raise RecordIOError(self.rec_path, int(offsets[bad][0]),
+                                f"{int(bad.sum())} .idx entries point past the end of the file "
+                                f"({self._file_size} bytes): {shown} (truncated .rec, or "
+                                f"{self.idx_path} belongs to another file)")
+        if len(offsets):  # the last record must be complete: catches a truncated tail at once
+            last = int(np.argmax(offsets))
+            _read_record(self._read, self.rec_path, int(offsets[last]),
+                         self._file_size - int(offsets[last]))
+
+    def _extents(self, offsets: np.ndarray) -> np.ndarray:
+        """Bytes from each offset to the next record (the file end for the last)."""
+        order = np.argsort(offsets, kind="stable")
+        ordered = offsets[order]
+        nxt = np.append(ordered[1:], self._file_size)
+        spans = np.empty_like(offsets)
+        spans[order] = nxt - ordered
+        return np.clip(spans, 8, 1 << _LEN_BITS)
+
+    def _position(self, key: int) -> int | None:
+        j = np.searchsorted(self._all_keys, key, sorter=self._sorted)
+        if j < len(self._sorted) and self._all_keys[self._sorted[j]] == key:
+            return int(self._sorted[j])
+        return None
+
+    def _image_positions(self, header: bool | None, skipped: dict[str, list[str]]) -> np.ndarray:
+        self.header_label = None
+        pos0 = self._position(0)
+        if header is not False and pos0 is not None:
+            h, rest = unpack(self._record_at(pos0), f"{self.rec_path}[key=0]")
+            if h.flag > 0 and (header or not rest):
+                self.header_label = tuple(float(v) for v in h.label)
+            elif header:
+                raise ValueError(f"{self.rec_path}: header=True but record 0 has flag "
+                                 f"{h.flag} (an insightface header has flag > 0)")
+        elif header:
+            raise ValueError(f"{self.rec_path}: header=True but there is no record with key 0")
+        if self.header_label is None:
+            return np.arange(len(self._all_keys))
+        wanted = np.arange(1, int(self.header_label[0]), dtype=np.int64)
+        j = np.searchsorted(self._all_keys, wanted, sorter=self._sorted)
+        j = np.minimum(j, max(len(self._sorted) - 1, 0))
+        found = self._all_keys[self._sorted[j]] == wanted
+        skipped["missing_key"] = [f"key={k}" for k in wanted[~found]]
+        return self._sorted[j[found]]
+
+    def _validate(self, skipped: dict[str, list[str]]) -> None:
+        keep, labels = [], []
+        for i in range(len(self.keys)):
+            name = self._name(i)
+            try:
+                h, data = unpack(self._record(i), name)
+                image, notes = decode_noting(data, name)
+            except RecordIOError:
+                raise  # the file's structure is broken, not one image
+            except (CorruptImageError, ValueError):  # undecodable, or shorter than its IRHeader
+                skipped.setdefault("corrupt", []).append(self._short(i))
+                continue
+            if self.size is not None and image.shape[:2] != (self.size, self.size):
+                notes = (*notes, "resized")
+            note_repairs(self.repaired, self._short(i), notes)
+            keep.append(i)
+            labels.append(int(_label_value(h)))
+        self.keys, self.offsets, self._hints = (a[keep] for a in (self.keys, self.offsets,
+                                                                    self._hints))
+        self._labels = np.asarray(labels, np.int64)
+
+    # -- file access --------------------------------------------------------------------------
+
+    def _read(self, n: int, pos: int) -> bytes:
+        if self._fd is None or self._pid != os.getpid():
+            self._fd = os.open(self.rec_path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            self._pid = os.getpid()
+        if hasattr(os, "pread"):
+            return os.pread(self._fd, n, pos)
+        with self._lock:  # no pread (Windows): seek + read under a lock
+            os.lseek(self._fd, pos, os.SEEK_SET)
+            return os.read(self._fd, n)
+
+    def _record_at(self, position: int) -> bytes:
+        return _read_record(self._read, self.rec_path, int(self._all_offsets[position]),
+                            int(self._spans[position]))
+
+    def _record(self, i: int) -> bytes:
+        return _read_record(self._read, self.rec_path, int(self.offsets[i]), int(self._hints[i]))
+
+    def _short(self, i: int) -> str:
+        return f"key={int(self.keys[i])}"
+
+    def _name(self, i: int) -> str:
+        return f"{self.rec_path}[{self._short(i)}]"
+
+    def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(_fd=None, _pid=None, _lock=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    # -- public access ------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _check(self, i: int) -> int:
+        i = operator.index(i)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for RecordIO {self.rec_path!r} with "
+                             f"{len(self)} images")
+        return i % len(self)
+
+    def read_raw(self, i: int) -> tuple[IRHeader, bytes]:
+        """(IRHeader, encoded image bytes) of image record i, undecoded."""
+        i = self._check(i)
+        return unpack(self._record(i), self._name(i))
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        i = self._check(i)
+        name = self._name(i)
+        h, data = unpack(self._record(i), name)
+        image = decode_image(data, name)
+        if self.size is not None:
+            image = resize_square(image, self.size)
+        return image, int(_label_value(h))
+
+    @property
+    def labels(self) -> np.ndarray:
+        """int64 (len,) labels of the image records (first float label when flag > 0)."""
+        if self._labels is None:
+            out = np.empty(len(self), np.int64)
+            for i in range(len(self)):
+                out[i] = self._label_at(i)
+            self._labels = out
+        return self._labels
+
+    def _label_at(self, i: int) -> int:
+        # Reads 8 frame bytes + IRHeader + one float label; the whole record only when its
+        # first part is shorter than that (a magic word inside the IRHeader splits it there).
+        need = _IR.size + 4
+        head = self._read(8 + need, int(self.offsets[i]))
+        if len(head) >= 8:
+            magic, lrec = _FRAME.unpack_from(head)
+            cflag, length = lrec >> _LEN_BITS, lrec & _LEN_MASK
+            prefix = head[8:8 + min(length, need)]
+            if magic == MAGIC and (cflag == 0 or length >= need) and \
+                    len(prefix) == min(length, need) and len(prefix) >= _IR.size:
+                flag, label, _, _ = _IR.unpack_from(prefix)
+                if flag == 0:
+                    return int(label)
+                if len(prefix) == need:
+                    return int(struct.unpack_from("<f", prefix, _IR.size)[0])
+        return int(_label_value(unpack(self._record(i), self._name(i))[0]))
+
+    @property
+    def identity_ranges(self) -> np.ndarray:
+        """int64 (num_ids, 2): [first, last+1) image keys per identity record (empty if none)."""
+        if getattr(self, "_identity_ranges", None) is None:
+            rows = []
+            if self.header_label is not None and len(self.header_label) >= 2:
+                for key in range(int(self.header_label[0]), int(self.header_label[1])):
+                    pos = self._position(key)
+                    if pos is None:
+                        continue
+                    h, _ = unpack(self._record_at(pos), f"{self.rec_path}[key={key}]")
+                    if h.flag >= 2:
+                        rows.append((int(h.label[0]), int(h.label[1])))
+            self._identity_ranges = np.asarray(rows, np.int64).reshape(-1, 2)
+        return self._identity_ranges
+
+    @property
+    def num_classes(self) -> int:
+        """Identity records when the pack has them, else max(label) + 1."""
+        if len(self.identity_ranges):
+            return len(self.identity_ranges)
+        return int(self.labels.max()) + 1 if len(self) else 0
+
+    @property
+    def stats(self) -> dict[str, int]:
+        out = {"images": len(self), "records": len(self._all_keys)}
+        out.update({f"skipped/{r}": len(v) for r, v in self.skipped.items()})
+        out.update({f"repaired/{r}": len(v) for r, v in self.repaired.items()})
+        return out
+
+    def __repr__(self) -> str:
+        return (f"RecordIO({self.rec_path!r}, len={len(self)}, header={self.header_label}, "
+                f"skipped={ {r: len(v) for r, v in self.skipped.items()} })")
