@@ -264,7 +264,7 @@ def decode_value(spec: Mapping[str, Any], values: list, name: str = "<record>") 
     if kind == "int":
         return int(values[0])
     if kind == "bool":
-        return bool(values[0])
+        return int(values[0])
     if kind == "text":
         return values[0].decode()
     if kind == "bytes":
@@ -828,7 +828,7 @@ def illumination_test_set(source: Any, *, num_clean: int = 5000, num_transformed
             raise ValueError(f"{int(overlap.sum())} items of {len(names)} identities of the "
                              f"verification set are training identities (e.g. {names[:5]}); "
                              f"paper B's test set must not share identities with training")
-        pass
+        eligible = eligible[~overlap]
     else:
         report["identity_check"] = "not requested (no exclude_identities / training_source)"
     need = max(num_clean, num_transformed) if paired else num_clean + num_transformed

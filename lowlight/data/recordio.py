@@ -188,7 +188,7 @@ def _read_record(read, path: str, offset: int, hint: int = _DEFAULT_READ) -> byt
         pos += 8 + length + (-length % 4)
         index += 1
         if cflag in (0, 3):
-            return b"".join(parts)
+            return _MAGIC_BYTES.join(parts)
 
 
 def iter_records(rec_path: str, *, payload: bool = True) -> Iterator[tuple[int, bytes | None]]:

@@ -2,9 +2,9 @@
 # Runs N lowlight processes on this machine as one multi-host JAX job (each process gets
 # CPU devices; on a multi-GPU box set CUDA_VISIBLE_DEVICES per process instead). Useful to test
 # multi-host code paths (per-process data slices, process-0-only logging) without a cluster:
-#   launch/local_multiprocess.sh 2 configs/vit_magface.py:smoke /tmp/mp_run
+#   launch/local.sh 2 configs/vit_magface.py:smoke /tmp/mp_run
 set -euo pipefail
-N=${1:?usage: local_multiprocess.sh NUM_PROCESSES CONFIG WORKDIR [flags...]}
+N=${1:?usage: local.sh NUM_PROCESSES CONFIG WORKDIR [flags...]}
 CONFIG=${2:?config}
 WORKDIR=${3:?workdir}
 shift 3
