@@ -484,8 +484,10 @@ class RecordIO:
 
     def _read(self, n: int, pos: int) -> bytes:
         if self._fd is None or self._pid != os.getpid():
-            self._fd = os.open(self.rec_path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-            self._pid = os.getpid()
+            with self._lock:  # two threads' first reads must not both open the file
+                if self._fd is None or self._pid != os.getpid():
+                    self._fd = os.open(self.rec_path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                    self._pid = os.getpid()
         if hasattr(os, "pread"):
             return os.pread(self._fd, n, pos)
         with self._lock:  # no pread (Windows): seek + read under a lock
