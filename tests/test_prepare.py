@@ -133,6 +133,18 @@ def test_synthetic_round_trip_is_bit_identical(synth_prepared):
         P.PreparedSource(out, "test")
 
 
+def test_output_is_deterministic(tmp_path):
+    world = SynthFaces(seed=1, num_identities=3, images_per_identity=2, size=32)
+    for run in ("a", "b"):
+        P.write_prepared(str(tmp_path / run), {"train": world}, name="det",
+                         source={"spec": world.spec}, examples_per_shard=4, progress=False)
+    a, b = (tmp_path / r / "det" / P.VERSION for r in ("a", "b"))
+    names = sorted(os.listdir(a))
+    assert names == sorted(os.listdir(b)) and len(names) >= 4
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), n
+
+
 def test_prepared_source_feeds_the_grain_pipeline(synth_prepared):
     out, world, _, _ = synth_prepared
     cfg = ml_collections.ConfigDict({"name": "prepared", "root": out, "split": "train",
@@ -359,8 +371,51 @@ def test_image_folder_reader_plugs_in(tmp_path):
     np.testing.assert_array_equal(src[5]["image"], batch["image"][5])
 
 
+def test_recordio_pack_with_identity_splits(tmp_path):
+    recordio = pytest.importorskip("lowlight.data.recordio")
+    batch = SynthFaces(seed=4, num_identities=4, images_per_identity=2, size=32).render_batch(
+        list(range(8)))
+    rec = str(tmp_path / "train.rec")
+    recordio.write_recordio(rec, None, [(batch["image"][i], i // 2) for i in range(8)],
+                            ext=".png")
+    s = _tool().main(["--source=recordio", f"--root={rec}", "--split_fractions=0.5,0.5",
+                      f"--out={tmp_path / 'out'}", "--no_progress"])
+    assert {k: v["num_examples"] for k, v in s["splits"].items()} == {"train": 4, "test": 4}
+    for split in ("train", "test"):
+        src = P.PreparedSource(str(tmp_path / "out"), split)
+        for j in range(len(src)):
+            item = src[j]
+            i = item["source_index"]
+            assert item["identity"] == i // 2
+            np.testing.assert_array_equal(item["image"], batch["image"][i])
+
+
+def test_verification_bin_to_illumination_test_set(tmp_path):
+    vs = pytest.importorskip("lowlight.data.verification_sets")
+    images = SynthFaces(seed=6, num_identities=5, images_per_identity=2, size=32,
+                        conditions=["normal"]).render_batch(list(range(10)))["image"]
+    path = str(tmp_path / "lfw.bin")
+    vs.write_verification_bin(path, images, [True, False, True, False, True], ext=".png")
+    s = _tool().main(["--source=bin", f"--root={path}", "--derive=illumination_test",
+                      "--num_clean=10", "--num_transformed=10", f"--out={tmp_path / 'out'}",
+                      "--no_progress"])
+    assert s["name"] == "bin_illumination_test" and s["splits"]["test"]["num_examples"] == 20
+    src = P.PreparedSource(str(tmp_path / "out"), "test")
+    clean = {int(src[j]["pair"]) * 2 + src[j]["pair_position"]: src[j]["image"]
+             for j in range(10)}
+    assert sorted(clean) == list(range(10))
+    for k, im in clean.items():
+        np.testing.assert_array_equal(im, images[k])
+    ids = tmp_path / "ids.txt"
+    ids.write_text("0\n")
+    with pytest.raises(KeyError, match="identity"):  # .bin has no identities: cannot check
+        _tool().main(["--source=bin", f"--root={path}", "--derive=illumination_test",
+                      "--num_clean=2", "--num_transformed=2", f"--out={tmp_path / 'o2'}",
+                      f"--exclude_identities={ids}", "--no_progress"])
+
+
 # ---------------------------------------------------------------------------------------------
-# TFDS reads it, with TensorFlow unimportable
+# TFDS reads it without importing TensorFlow
 # ---------------------------------------------------------------------------------------------
 
 _TFDS_SCRIPT = r"""

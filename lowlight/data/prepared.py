@@ -31,6 +31,16 @@ feature would need TensorFlow to *encode* numpy arrays; we hand it PNG/JPEG byte
 
 The schema comes from the first readable item; later items that do not match it (or whose reading
 raises a data error) are skipped and listed with their reason.
+
+TFDS without TensorFlow (tensorflow-datasets 4.9.10, checked by tests/test_prepare.py):
+  works   `tfds.data_source(name, data_dir=out, split=...)` and
+          `tfds.builder_from_directory(path).as_data_source()`: random access, picklable, images
+          decoded by OpenCV/PIL; `tfds.folder_dataset.write_metadata` (dataset_info.json,
+          features.json) and `FeaturesDict.serialize_example` given *encoded* image bytes.
+  fails   `tfds.load`, `builder.as_dataset` (tf.data) and `Image.encode_example(np.ndarray)`:
+          ModuleNotFoundError 'tensorflow'. Not used: `DatasetBuilder.download_and_prepare` (in
+          our venv it stops earlier, on the optional `importlib_resources`). TFDS returns Text
+          fields as bytes; `PreparedSource` returns str.
 """
 
 from __future__ import annotations
@@ -264,7 +274,7 @@ def decode_value(spec: Mapping[str, Any], values: list, name: str = "<record>") 
     if kind == "int":
         return int(values[0])
     if kind == "bool":
-        return int(values[0])
+        return bool(values[0])
     if kind == "text":
         return values[0].decode()
     if kind == "bytes":
