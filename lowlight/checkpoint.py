@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -131,22 +132,31 @@ def load_weights(path: str, step: int | None = None) -> tuple[Any, Any, int]:
     """(params, batch_stats, step) of another run's checkpoint, as host numpy trees.
 
     `path` is a run workdir or its checkpoints/ folder. Used to start a module from its own
-    pretrained run (a relighting net or U-Net inside recognition training, paper B §3.9) without
-    knowing that run's optimizer: the state is read without a target and only its weights kept.
+    pretrained run (a relighting net or U-Net inside recognition training, paper B §3.9) and by
+    `lowlight.evaluate`, without knowing that run's optimizer or device topology: the target is
+    built from the checkpoint's own metadata (shapes and dtypes), laid out on this process's
+    first device, so a checkpoint written on 8 GPUs loads on a 1-CPU laptop.
     """
     directory = find_checkpoint_dir(path)
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        read_only=True, create=False))
-    step = manager.latest_step() if step is None else step
-    if step is None:
+    steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()
+                   and os.path.isdir(os.path.join(directory, d, "state")))
+    if not steps:
         raise FileNotFoundError(f"no checkpoint in {directory}")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    state = restored["state"]
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; have {steps}")
+    item = os.path.join(directory, str(step), "state")
+    checkpointer = ocp.StandardCheckpointer()
+    meta = checkpointer.metadata(item)
+    tree = getattr(meta, "item_metadata", meta)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    state = checkpointer.restore(item, target)
+    checkpointer.close()
     get = (lambda k: state[k]) if isinstance(state, dict) else (lambda k: getattr(state, k))
     try:
         params, batch_stats = get("params"), get("batch_stats")
     except (KeyError, AttributeError):
-        raise ValueError(f"checkpoint {directory}/{step} has no params/batch_stats") from None
-    to_np = lambda t: jax.tree.map(lambda x: jax.device_get(x), t)
-    manager.close()
+        raise ValueError(f"checkpoint {item} has no params/batch_stats") from None
+    to_np = lambda t: jax.tree.map(lambda x: np.asarray(jax.device_get(x)), t)
     return to_np(params), to_np(batch_stats or {}), step

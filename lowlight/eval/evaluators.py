@@ -86,11 +86,20 @@ class SynthVerification:
         i1, i2, self.issame = synthetic.verification_pairs(src, cfg.num_pairs, seed=cfg.seed)
         uniq, inv = np.unique(np.concatenate([i1, i2]), return_inverse=True)
         if hasattr(src, "render_batch"):
-            self.images = np.asarray(src.render_batch(uniq)["image"])
+            rendered = src.render_batch(uniq)
+            self.images = np.asarray(rendered["image"])
+            conds = rendered["condition"]
         else:
-            self.images = np.stack([src[int(i)]["image"] for i in uniq])
+            items = [src[int(i)] for i in uniq]
+            self.images = np.stack([it["image"] for it in items])
+            conds = [it.get("condition", "normal") for it in items]
+        self.conditions = np.asarray([str(c) for c in conds])
         self.idx1, self.idx2 = inv[:len(i1)], inv[len(i1):]
+        # a pair's condition: its second image's (the probe's), as in paper B's protocol where
+        # an unaltered gallery face meets a relit / degraded probe
+        self.pair_conditions = self.conditions[self.idx2]
         self._raw = None
+        self.last_scores = None
 
     def run(self, embed_fn) -> dict:
         from lowlight.eval import verification
@@ -98,6 +107,9 @@ class SynthVerification:
         emb = embed_fn(self.images)
         res = verification.evaluate(emb[self.idx1], emb[self.idx2], self.issame)
         out = {f"{self.name}/{k}": v for k, v in res.items() if np.isscalar(v)}
+        e1, e2 = emb[self.idx1], emb[self.idx2]
+        self.last_scores = np.sum(e1 * e2, axis=1) / np.maximum(
+            np.linalg.norm(e1, axis=1) * np.linalg.norm(e2, axis=1), 1e-12)
         if self._raw is None:
             raw = raw_pixel_embeddings(self.images)
             self._raw = verification.evaluate(raw[self.idx1], raw[self.idx2], self.issame)["acc"]
