@@ -48,8 +48,10 @@ def recognition(*, model: str, loss: str, scale: str, optimizer: str = "sgd",
     c.resume = ""       # another run's workdir / checkpoints dir to continue, or "force"
     c.init_from = ""    # weights-only initialisation from another run
 
+    # data.name: synth (default) | recordio (insightface pack: root = folder with train.rec) |
+    # image_folder | prepared (tools/prepare.py output) | utkface. num_identities = classes.
     c.data = dict(name="synth", seed=0, num_identities=2000, images_per_identity=20, size=112,
-                  synth={})
+                  synth={}, root="", split="train", validate=False)
     # dtype: compute dtype of the backbone ("bfloat16" on GPUs/TPUs for mixed precision;
     # parameters, the embedding head, margins and softmax stay float32).
     c.model = dict(name=model, kwargs=dict(embed_dim=512, dtype="float32",
@@ -174,7 +176,8 @@ def supervised(task: str, *, model: str, scale: str, model_kwargs: dict | None =
     c.num_devices = 0
     size = 32 if small else 64 if cpu else 112
     c.data = dict(name="synth", seed=0, num_identities=5000 if not cpu else 400,
-                  images_per_identity=10 if not cpu else 8, size=size, synth={})
+                  images_per_identity=10 if not cpu else 8, size=size, synth={}, root="",
+                  split="train", validate=False)
     kwargs = dict(dtype="float32", **(model_kwargs or {}))
     if cpu:
         kwargs.update(cpu_model_kwargs or {})

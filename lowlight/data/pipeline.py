@@ -26,7 +26,21 @@ import jax
 import numpy as np
 
 #: Dataset names `config.data.name` may take.
-DATASETS: tuple[str, ...] = ("synth", "utkface", "prepared")
+DATASETS: tuple[str, ...] = ("synth", "utkface", "recordio", "image_folder", "prepared")
+
+
+class IdentityPairs:
+    """Adapts an `(image, label)` source (RecordIO) to the dict items pipelines read."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        image, label = self.source[i]
+        return {"image": image, "identity": int(label)}
 
 
 #: Paper A's dataset variants: the source itself, DistortionFace, NaturalFace.
@@ -55,6 +69,24 @@ def make_source(cfg):
         src = UTKFace(cfg.root, split=cfg.get("split", "train"), seed=cfg.seed,
                       size=cfg.size, face_crop={"no_face": "center"} if crop else None,
                       validate=cfg.get("validate", True))
+    elif cfg.name == "recordio":
+        # insightface MS1M / Glint / WebFace packs: root = folder with train.rec + train.idx, or
+        # the .rec path itself; labels are identity ids.
+        from lowlight.data.sources import RecordIO
+
+        root = cfg.get("root", "")
+        rec = os.path.join(root, "train.rec") if os.path.isdir(root) else root
+        if not rec or not os.path.exists(rec):
+            raise ValueError(f"config.data.root: no RecordIO pack at {root!r} (expected a folder "
+                             "with train.rec/train.idx or a .rec file)")
+        src = IdentityPairs(RecordIO(rec, size=cfg.size, validate=cfg.get("validate", False)))
+    elif cfg.name == "image_folder":
+        from lowlight.data.sources import ImageFolder
+
+        if not cfg.get("root"):
+            raise ValueError("config.data.root: the identity-folder root is required for "
+                             "data.name='image_folder'")
+        src = ImageFolder(cfg.root, size=cfg.size, validate=cfg.get("validate", True))
     # -- prepared (tools/prepare.py output; lowlight.data.prepared) ---------------------------
     elif cfg.name == "prepared":
         from lowlight.data.prepared import PreparedSource
