@@ -234,10 +234,8 @@ def test_feature_boxes_hold_at_large_sizes(monkeypatch):
     """A face whose nasolabial folds reach further out than a fixed bound allowed: at 1024 px
     the boxes' pixel margin no longer covered them. (A blank noise bank keeps this fast: the
     textures never decide where a feature is non-zero.)"""
-    side = 2 * 1024
-    bank = {"camera": np.zeros((3, side, side), np.float32), "bg": np.zeros((2, side, side),
-            np.float32), "skin": np.zeros((side, side), np.float32),
-            "hair": np.zeros((side, side), np.float32)}
+    blank = lambda *shape: np.zeros((*shape, 2048, 2048), np.float32)
+    bank = {"camera": blank(3), "bg": blank(2), "skin": blank(), "hair": blank()}
     monkeypatch.setattr(_render, "noise_bank", lambda size: bank)
     ds = SynthFaces(seed=0, num_identities=178, images_per_identity=1, size=1024)
     boxed = _floats(monkeypatch, ds, 177)

@@ -313,8 +313,8 @@ def _render_chunk(keys: tuple[str, ...], pos: dict[str, int], cols: np.ndarray, 
     taper = _clip((f.v - p["jaw_y"]) / (p["chin_y"] - p["jaw_y"]), 0, 1)
     half_w = p["face_w"] * (1 - p["jaw_taper"] * taper * taper)
     fdu = f.du0 / half_w
-    fdv = (f.v - (p["face_top"] + p["chin_y"]) * _F(0.5)) / ((p["chin_y"] - p["face_top"])
-                                                            * _F(0.5))
+    mid, hh = (p["face_top"] + p["chin_y"]) * _F(0.5), (p["chin_y"] - p["face_top"]) * _F(0.5)
+    fdv = (f.v - mid) / hh
     fr2 = fdu * fdu + fdv * fdv
     f.face[...] = _ramp((1 - fr2) * (half_w * _F(0.5)), iw)
     stex = _windows(bank["skin"], win[4], win[5], size, box["face"])
@@ -566,5 +566,3 @@ def light_params(r: np.random.Generator, name: str, P: dict, noise: float) -> No
     P["col_r"], P["col_g"], P["col_b"] = temperature(kelvin)
     P["exposure"], P["gain"], P["fw"], P["read"] = expo, gain, 3000.0 + 5000.0 * U[6], read
     P["noise"] = noise
-
-
