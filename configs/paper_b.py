@@ -52,6 +52,7 @@ def get_config(arg=None):
                                 num_heads=2 if small else 4, drop_path_rate=0.0, mask_ratio=0.0)
         else:
             model = "iresnet18"
+            model_kwargs = dict(recipes.CPU_IRESNET)
     c = recipes.recognition(model=model, loss=loss, scale=scale,
                             optimizer="adamw" if model.startswith("vit") else "sgd",
                             model_kwargs=model_kwargs)

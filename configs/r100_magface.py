@@ -6,7 +6,7 @@ Commands:
   python -m lowlight.main --config=configs/r100_magface.py:smoke --workdir=/tmp/smoke
 
 Arguments: depth = 18 | 34 | 50 | 100 | 200; scale = auto | full | cpu | smoke; smoke.
-At scale=cpu/smoke the backbone is iResNet-18 at 64x64 / 32x32 (same blocks, CPU-sized).
+At scale=cpu/smoke the backbone is iResNet-18 at quarter width, 64x64 / 32x32 (same blocks).
 """
 
 from lowlight import recipes

@@ -65,7 +65,7 @@ def test_routed_method_uses_the_classifier_and_the_experts(tmp_path):
     wd_l, wd_a, wd_r = (str(tmp_path / n) for n in ("light", "attr", "routed"))
     ll_main.run(_config("smoke,exp=lighting,labels=binary"), wd_l)
     c = _config("smoke,train=natural")
-    c.evals = {"test_natural": c.evals.test_natural}
+    c.evals = {"val": c.evals.val, "test_natural": c.evals.test_natural}
     own = ll_main.run(c, wd_a)
     r = _config(f"smoke,exp=routed,lighting_from={wd_l},normal_from={wd_a},low_from={wd_a}")
     r.evals = {"test_natural": r.evals.test_natural}
