@@ -10,21 +10,12 @@ shared machine the CPU-time rate is the steadier estimate of what one dedicated 
 
 from __future__ import annotations
 
-import os
-
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
-             "VECLIB_MAXIMUM_THREADS"):
-    os.environ[_var] = "1"
-
 import argparse  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
-import cv2  # noqa: E402
+import _single_core  # noqa: F401  (pins threads; must precede numpy)
 import numpy as np  # noqa: E402
 
-cv2.setNumThreads(1)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lowlight.data.synthetic import SynthFaces  # noqa: E402
 
 
