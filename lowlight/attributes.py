@@ -24,7 +24,6 @@ import numpy as np
 from lowlight.data import conditions as cond
 from lowlight.train_supervised import TaskSpec, _ModelFn, _to_input
 
-
 #: Age bands for per-band MAE (years, inclusive): where age regressors typically fail differs
 #: between children, adults and the elderly, which one overall MAE hides.
 AGE_BANDS = ((0, 9), (10, 19), (20, 29), (30, 39), (40, 49), (50, 59), (60, 69), (70, 116))

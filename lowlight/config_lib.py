@@ -35,7 +35,8 @@ TASKS: dict[str, str] = {
 # "different config" (they steer the process, not the experiment).
 RESUMABLE_KEYS = frozenset({
     "resume", "total_steps", "log_every", "eval_every", "ckpt_every", "progress", "num_workers",
-    "evals", "keep_ckpts", "best_metric", "num_devices", "eval_batch_size", "stop_after", "max_nonfinite",
+    "evals", "keep_ckpts", "best_metric", "num_devices", "eval_batch_size", "stop_after",
+    "max_nonfinite",
 })
 
 

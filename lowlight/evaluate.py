@@ -20,7 +20,6 @@ import numpy as np
 from absl import app, flags, logging
 
 
-
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):

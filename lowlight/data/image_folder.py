@@ -26,8 +26,8 @@ import cv2
 import numpy as np
 from absl import logging
 
-from lowlight.data import sources
-from lowlight.data.sources import (
+from lowlight.data import image_io
+from lowlight.data.image_io import (
     IMAGE_EXTENSIONS,
     CorruptImageError,
     list_files,
@@ -76,7 +76,7 @@ def decode_noting(data: bytes, name: str = "<bytes>") -> tuple[np.ndarray, tuple
     """
     if not data:
         raise CorruptImageError(name, "empty file")
-    problem = sources._truncation_problem(data)
+    problem = image_io._truncation_problem(data)
     if problem:
         raise CorruptImageError(name, problem)
     raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -256,7 +256,7 @@ class ImageFolder:
         self.repaired = repaired
         self.validated = bool(validate)
         self.num_files = total
-        sources._report_skipped(type(self).__name__, self.root, self.skipped, total)
+        image_io._report_skipped(type(self).__name__, self.root, self.skipped, total)
         report_repairs(type(self).__name__, self.root, self.repaired, len(self.files))
 
     def _validate(self, path: str, name: str, repaired: dict[str, list[str]]) -> bool:

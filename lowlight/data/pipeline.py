@@ -8,8 +8,8 @@ them. Sources without `render_batch` (real-format readers) are read item by item
 Multi-host: the global index stream is shuffled and batched identically in every process;
 each process keeps its contiguous `batch_size / process_count` rows of every global batch and
 renders only those; `parallel.global_batch` assembles the global array. So the global batches do
-not depend on the process count. The iterator is checkpointable (`grain.checkpoint.CheckpointSave`), so a resumed
-run continues the same example stream.
+not depend on the process count. The iterator is checkpointable
+(`grain.checkpoint.CheckpointSave`), so a resumed run continues the same example stream.
 
 Defaults sized for small machines: grain's stock ReadOptions use 16 threads and a 500-element
 buffer, which on a 2-core machine only adds GIL contention; we read with `min(4, cores)` threads

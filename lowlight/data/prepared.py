@@ -60,7 +60,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from lowlight.data.sources import decode_image, to_uint8_rgb
+from lowlight.data.image_io import decode_image, to_uint8_rgb
 
 FORMAT = "lowlight-prepared-v1"
 META_FILE = "lowlight_prepared.json"

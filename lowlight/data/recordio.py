@@ -63,7 +63,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from lowlight.data import sources
+from lowlight.data import image_io
 from lowlight.data.image_folder import (
     check_size,
     decode_noting,
@@ -71,7 +71,7 @@ from lowlight.data.image_folder import (
     note_repairs,
     report_repairs,
 )
-from lowlight.data.sources import CorruptImageError, decode_image, resize_square
+from lowlight.data.image_io import CorruptImageError, decode_image, resize_square
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -405,7 +405,7 @@ class RecordIO:
         self.skipped = {r: v for r, v in skipped.items() if v}
         self.validated = bool(validate)
         total = len(self.keys) + sum(len(v) for v in self.skipped.values())
-        sources._report_skipped(type(self).__name__, self.rec_path, self.skipped, total)
+        image_io._report_skipped(type(self).__name__, self.rec_path, self.skipped, total)
         report_repairs(type(self).__name__, self.rec_path, self.repaired, len(self.keys))
 
     # -- index build --------------------------------------------------------------------------

@@ -60,7 +60,7 @@ from lowlight.data.image_folder import (
     fit_image,
     report_repairs,
 )
-from lowlight.data.sources import CorruptImageError
+from lowlight.data.image_io import CorruptImageError
 
 _MAX_NAMES = 50
 
