@@ -119,6 +119,18 @@ def setup(config, mesh):
     return model, tx, sched, init, abstract
 
 
+def _check_num_classes(source, num_identities: int) -> None:
+    """Labels ≥ data.num_identities would fall outside the class centres and be excluded from
+    the loss; refuse that at start instead of training on part of the data unnoticed."""
+    inner = getattr(source, "source", source)
+    n = getattr(inner, "num_classes", None)
+    if n is not None and int(n) > num_identities:
+        from lowlight.config_lib import ConfigError
+
+        raise ConfigError(f"config.data.num_identities={num_identities} but the dataset has "
+                          f"{int(n)} identities; set --config.data.num_identities={int(n)}")
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains a face-embedding model as `config` says; returns the last logged metrics."""
     # ----------------------------------------------------------------- setup
@@ -126,6 +138,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     mesh = parallel.make_mesh(config.get("model_parallel", 1), devices=jax.devices()[:n_dev])
     class_axes = tuple(config.partial_fc.class_axes)
     source = pipeline.make_source(config.data)
+    _check_num_classes(source, config.data.num_identities)
     model, tx, sched, init, abstract = setup(config, mesh)
     shardings = state_shardings(abstract, mesh, class_axes)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params["backbone"]))
