@@ -140,6 +140,11 @@ def test_trains_from_an_insightface_recordio_pack(tmp_path):
     c.evals = {"synth_val": c.evals.synth_val}
     last = ll_main.run(c, str(tmp_path / "run"))
     assert np.isfinite(last["train/loss"]) and "synth_val/acc" in last
+    c.data.num_identities = 8  # fewer classes than the pack has: refused at start
+    from lowlight.config_lib import ConfigError
+
+    with pytest.raises(ConfigError, match=r"num_identities=8 but the dataset has 16"):
+        ll_main.run(c, str(tmp_path / "run8"))
 
 
 def test_trains_from_a_prepared_arrayrecord_dataset(tmp_path):
