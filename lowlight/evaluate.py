@@ -4,7 +4,10 @@ Rebuilds the run's model and evaluators from `DIR/config.json` (the same evaluat
 training loop uses, so numbers are comparable), loads the weights of the latest (or `--step`)
 checkpoint, appends the metrics to `DIR/metrics.jsonl` (with `"step"` and `"source":
 "evaluate"`), and writes `DIR/eval/<step>/`: `report.md`, raw scores (`scores.npz`: per-pair
-cosine scores, labels and conditions of the verification sets) and plots (ROC per set).
+cosine scores, labels and conditions of the verification sets) and plots (ROC per set). For
+recognition runs `lowlight.eval.report` adds the per-condition table with bootstrap CIs, the
+fairness tables, identification (CMC, DIR@FPIR) and the DET / CMC / TPR-per-condition plots;
+its scalars (e.g. "synth_val/cmc_rank1") go into metrics.jsonl with the evaluators' metrics.
 `--follow` keeps evaluating each new checkpoint as a running job writes it, until the run's
 final step has been evaluated (or `--timeout` seconds pass without a new checkpoint).
 """
@@ -49,7 +52,7 @@ def _recognition(config, workdir, step):
         metrics.update(ev.run(lambda im: embed(params, batch_stats, im)))
         raw[name] = dict(scores=ev.last_scores, issame=ev.issame,
                          conditions=ev.pair_conditions)
-    return step, metrics, raw, {}
+    return step, metrics, raw, evaluators
 
 
 def _supervised(config, workdir, step):
@@ -93,28 +96,17 @@ def _roc_plot(path, raw):
     plt.close(fig)
 
 
-def _report(config, step, metrics, raw, tables) -> str:
-    from sklearn.metrics import auc as sk_auc
-
-    from lowlight.eval import verification
-
+def _report(config, step, metrics, raw, tables, sections: str = "") -> str:
+    """The report: the evaluators' metrics, the ROC plot, then `sections` (the recognition
+    sections of `lowlight.eval.report`, whose scalars are not repeated in the top table)."""
     lines = [f"# Evaluation of `{config.task}` at step {step}", "",
              f"model `{config.model.name}`", "", "| metric | value |", "|---|---:|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items())
               if isinstance(v, int | float) and not isinstance(v, bool)]
-    for name, r in raw.items():
-        lines += ["", f"## {name}: per lighting condition (pair condition = probe image's)", "",
-                  "| condition | pairs | AUC | TPR@FPR=1e-2 |", "|---|---:|---:|---:|"]
-        for c in sorted(set(r["conditions"].tolist())):
-            sel = r["conditions"] == c
-            if r["issame"][sel].all() or not r["issame"][sel].any():
-                continue
-            fpr, tpr, _ = verification.roc(r["scores"][sel], r["issame"][sel])
-            auc = float(sk_auc(fpr, tpr))
-            lines.append(f"| {c} | {int(sel.sum())} | {auc:.4f} | "
-                         f"{verification.tpr_at_fpr(fpr, tpr, 1e-2):.4f} |")
     if raw:
         lines += ["", "![ROC](roc.png)"]
+    if sections:
+        lines += ["", sections.rstrip("\n")]
     for name, text in tables.items():
         lines += ["", f"## {name}", "", text]
     return "\n".join(lines) + "\n"
@@ -125,8 +117,9 @@ def evaluate(workdir: str, step: int | None = None) -> dict:
     from lowlight.metric_writer import MetricWriter
 
     config = load_config(workdir)
+    evaluators, tables = {}, {}
     if config.task == "recognition":
-        step, metrics, raw, tables = _recognition(config, workdir, step)
+        step, metrics, raw, evaluators = _recognition(config, workdir, step)
     elif config.task in ("relight", "skin_seg", "attributes", "lighting"):
         step, metrics, raw, tables = _supervised(config, workdir, step)
     else:
@@ -137,8 +130,14 @@ def evaluate(workdir: str, step: int | None = None) -> dict:
         np.savez(os.path.join(out_dir, "scores.npz"),
                  **{f"{n}/{k}": v for n, r in raw.items() for k, v in r.items()})
         _roc_plot(os.path.join(out_dir, "roc.png"), raw)
+    sections, extra = "", {}
+    if evaluators:
+        from lowlight.eval import report as report_lib
+
+        sections, extra = report_lib.recognition_report(evaluators, out_dir)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(_report(config, step, metrics, raw, tables))
+        f.write(_report(config, step, metrics, raw, tables, sections))
+    metrics = {**metrics, **extra}
     writer = MetricWriter(workdir, tensorboard=False)
     writer.write(step, {**metrics, "source": "evaluate"})
     writer.close()

@@ -63,8 +63,18 @@ class SynthVerification:
       'protocol' normal-light renders passed through paper B's illumination protocol
                  (~30% low, 40% side, 30% over; `lowlight.data.illumination.IlluminationProtocol`).
     Metrics: `lowlight.eval.verification.evaluate` keys, plus `raw_pixel_acc` (same pairs,
-    pixel baseline) computed once.
+    pixel baseline) computed once, `auc_ci_low` / `auc_ci_high` (95% stratified bootstrap over
+    pairs, `BOOT_REPLICATES` replicates, seed `BOOT_SEED`: the same interval every run) and
+    `tnr@fpr=1e-3` (`roc_stats.tnr_at`: 1 − FPR at the tpr@fpr=1e-3 operating point).
+
+    Kept for reports (`lowlight.eval.report`): per cached image `images`, `conditions`,
+    `identity`, `gender`, `ethnicity`; per pair `idx1`, `idx2` (into `images`), `issame`,
+    `pair_conditions`; after `run()`, `last_scores` (cosine per pair) and `last_embeddings`
+    (unit-norm, one row per cached image).
     """
+
+    BOOT_REPLICATES = 200
+    BOOT_SEED = 0
 
     def __init__(self, name: str, cfg):
         from lowlight.data import synthetic
@@ -89,20 +99,27 @@ class SynthVerification:
             rendered = src.render_batch(uniq)
             self.images = np.asarray(rendered["image"])
             conds = rendered["condition"]
+            labels = {k: rendered[k] for k in ("identity", "gender", "ethnicity")}
         else:
             items = [src[int(i)] for i in uniq]
             self.images = np.stack([it["image"] for it in items])
             conds = [it.get("condition", "normal") for it in items]
+            labels = {k: [it[k] for it in items] for k in ("identity", "gender", "ethnicity")}
         self.conditions = np.asarray([str(c) for c in conds])
+        # demographic and identity labels of the cached images, for fairness and identification
+        self.identity = np.asarray(labels["identity"], np.int64)
+        self.gender = np.asarray(labels["gender"], np.int64)
+        self.ethnicity = np.asarray(labels["ethnicity"], np.int64)
         self.idx1, self.idx2 = inv[:len(i1)], inv[len(i1):]
         # a pair's condition: its second image's (the probe's), as in paper B's protocol where
         # an unaltered gallery face meets a relit / degraded probe
         self.pair_conditions = self.conditions[self.idx2]
         self._raw = None
         self.last_scores = None
+        self.last_embeddings = None
 
     def run(self, embed_fn) -> dict:
-        from lowlight.eval import verification
+        from lowlight.eval import roc_stats, verification
 
         emb = embed_fn(self.images)
         res = verification.evaluate(emb[self.idx1], emb[self.idx2], self.issame)
@@ -110,6 +127,14 @@ class SynthVerification:
         e1, e2 = emb[self.idx1], emb[self.idx2]
         self.last_scores = np.sum(e1 * e2, axis=1) / np.maximum(
             np.linalg.norm(e1, axis=1) * np.linalg.norm(e2, axis=1), 1e-12)
+        emb = np.asarray(emb, np.float32)
+        self.last_embeddings = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        ci = roc_stats.bootstrap_ci(self.last_scores, self.issame, ("auc",),
+                                    n_boot=self.BOOT_REPLICATES, seed=self.BOOT_SEED)["auc"]
+        out[f"{self.name}/auc_ci_low"] = ci.low
+        out[f"{self.name}/auc_ci_high"] = ci.high
+        roc = roc_stats.Roc.from_scores(self.last_scores, self.issame)
+        out[f"{self.name}/tnr@fpr=1e-3"] = roc_stats.tnr_at(1e-3)(roc)
         if self._raw is None:
             raw = raw_pixel_embeddings(self.images)
             self._raw = verification.evaluate(raw[self.idx1], raw[self.idx2], self.issame)["acc"]
