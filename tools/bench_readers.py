@@ -27,6 +27,7 @@ import time  # noqa: E402
 
 import _single_core  # noqa: F401  (pins threads; must precede numpy)
 import numpy as np  # noqa: E402
+from _single_core import best_rate as _rate
 from absl import logging  # noqa: E402
 
 from lowlight.data.image_folder import ImageFolder, encode_image  # noqa: E402
@@ -44,17 +45,6 @@ from lowlight.data.verification_sets import (  # noqa: E402
     read_verification_bin,
     write_verification_bin,
 )
-
-
-def _rate(fn, n: int, repeats: int) -> tuple[float, float]:
-    """Best-of-`repeats` (wall, cpu) items per second of fn()."""
-    best_wall = best_cpu = float("inf")
-    for _ in range(repeats):
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        best_wall = min(best_wall, time.perf_counter() - w0)
-        best_cpu = min(best_cpu, time.process_time() - c0)
-    return n / best_wall, n / best_cpu
 
 
 def _row(label: str, n: int, rates: tuple[float, float], unit: str = "records/s") -> None:

@@ -11,23 +11,12 @@ shared machine the CPU-time rate is the steadier estimate of what one dedicated 
 from __future__ import annotations
 
 import argparse  # noqa: E402
-import time  # noqa: E402
 
 import _single_core  # noqa: F401  (pins threads; must precede numpy)
 import numpy as np  # noqa: E402
+from _single_core import best_rate as _rate
 
 from lowlight.data.synthetic import SynthFaces  # noqa: E402
-
-
-def _rate(fn, n_images: int, repeats: int) -> tuple[float, float]:
-    """Best-of-`repeats` (wall, cpu) images per second of fn()."""
-    best_wall = best_cpu = float("inf")
-    for _ in range(repeats):
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        best_wall = min(best_wall, time.perf_counter() - w0)
-        best_cpu = min(best_cpu, time.process_time() - c0)
-    return n_images / best_wall, n_images / best_cpu
 
 
 def main(argv=None):
