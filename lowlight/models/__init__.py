@@ -39,6 +39,7 @@ _REGISTRY: dict[str, str] = {
     # Paper A attribute models.
     "mobilenetv2": "lowlight.models.mobilenetv2:mobilenetv2",
     "lighting_cnn": "lowlight.models.lighting_cnn:lighting_cnn",
+    "retinaface": "lowlight.models.retinaface:retinaface",  # detector, lowlight.align
 }
 
 
