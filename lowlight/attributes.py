@@ -206,8 +206,32 @@ def write_table(workdir: str, step: int, name: str, text: str) -> None:
 
 
 # ------------------------------------------------------------------------------ routing
-def _load_run(workdir: str):
-    """(model, variables, config dict) of a finished run, from its config.json + checkpoint."""
+def best_step(workdir: str, metric: str, mode: str = "min") -> int | None:
+    """The evaluated step with the best `metric` in `workdir/metrics.jsonl` whose checkpoint still
+    exists (the checkpointer keeps the best one), or None when there is no such step — early
+    stopping's answer to "which weights": the routed method must use each expert's best model,
+    not whatever the run wrote last."""
+    import json
+
+    from lowlight import checkpoint as ckpt_lib
+
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not metric or not os.path.exists(path):
+        return None
+    directory = ckpt_lib.find_checkpoint_dir(workdir)
+    have = {int(d) for d in os.listdir(directory) if d.isdigit()}
+    scored = []
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if metric in rec and int(rec["step"]) in have and np.isfinite(rec[metric]):
+                scored.append((rec[metric] if mode == "min" else -rec[metric], int(rec["step"])))
+    return min(scored)[1] if scored else None
+
+
+def _load_run(workdir: str, *, best: bool = False):
+    """(model, variables, config dict) of a finished run, from its config.json + checkpoint (the
+    best one by the run's `best_metric` when `best`, else the latest)."""
     import json
 
     from lowlight import checkpoint as ckpt_lib
@@ -219,7 +243,9 @@ def _load_run(workdir: str):
     with open(path) as f:
         cfg = json.load(f)
     model = models.create(cfg["model"]["name"], **cfg["model"].get("kwargs", {}))
-    params, batch_stats, _ = ckpt_lib.load_weights(workdir)
+    step = (best_step(workdir, cfg.get("best_metric", ""), cfg.get("best_mode", "max"))
+            if best else None)
+    params, batch_stats, _ = ckpt_lib.load_weights(workdir, step)
     return model, {"params": params, "batch_stats": batch_stats}, cfg
 
 
@@ -231,7 +257,7 @@ def run_routed(config, workdir: str) -> dict:
     from lowlight.metric_writer import MetricWriter
 
     light_model, light_vars, light_cfg = _load_run(config.routing.lighting_from)
-    experts = {int(k): _load_run(v) for k, v in config.routing.experts.items()}
+    experts = {int(k): _load_run(v, best=True) for k, v in config.routing.experts.items()}
     n_classes = light_cfg["model"]["kwargs"].get("num_classes", 2)
     missing = [c for c in range(n_classes) if c not in experts]
     if missing:
@@ -247,6 +273,12 @@ def run_routed(config, workdir: str) -> dict:
                                 for i in range(0, len(ev.images), 256)])
         outs = {c: AttributeEvaluator.outputs(_with_fn(ev, m), v)
                 for c, (m, v, _) in experts.items()}
+        # experts may regress age in different units (task_cfg.age_scale): bring each to the
+        # units `ev.score` reads (this config's age_scale) before mixing them
+        target = ev.task_cfg.get("age_scale", 1.0)
+        for c, (_, _, cfg_c) in experts.items():
+            own = (cfg_c.get("task_cfg") or {}).get("age_scale", 1.0)
+            outs[c]["age"] = outs[c]["age"] * (target / own)
         routed = {k: np.stack([outs[int(r)][k][i] for i, r in enumerate(route)])
                   for k in outs[0]}
         res = ev.score(routed)

@@ -28,9 +28,23 @@ def test_attribute_run_reports_paper_a_metrics_per_test_set(tmp_path):
     assert 0.0 <= last["test_natural/gender_acc"] <= 1.0
     assert any(k.startswith("test_natural/age_mae_") and k.endswith("-49") for k in last)
     cfg = json.load(open(os.path.join(wd, "config.json")))
-    assert cfg["task_cfg"]["loss_weights"] == {"age": 0.1, "gender": 1.0, "ethnicity": 1.0}
+    # smoke / cpu scale: age in 20-year units, weight 1 (configs/paper_a.py, "age" argument)
+    assert cfg["task_cfg"]["loss_weights"] == {"age": 1.0, "gender": 1.0, "ethnicity": 1.0}
+    assert cfg["task_cfg"]["age_scale"] == 0.05 and cfg["model"]["kwargs"]["age_bias_init"] == 2.0
     assert cfg["model"]["kwargs"]["attention"] == "cbam"
     assert os.path.exists(os.path.join(wd, "eval", "3", "test_natural.md"))
+
+
+@pytest.mark.parametrize("arg,scale,w,bias", [
+    ("scale=full", 1.0, 0.1, 40.0),            # paper A: raw years, MSE weight 0.1
+    ("scale=cpu", 0.05, 1.0, 2.0),
+    ("scale=cpu,age=years", 1.0, 0.1, 40.0),
+    ("scale=full,age=scaled", 0.05, 1.0, 2.0),
+])
+def test_age_units_follow_the_age_argument(arg, scale, w, bias):
+    c = _config(arg)
+    assert c.task_cfg.age_scale == scale and c.task_cfg.loss_weights.age == w
+    assert c.model.kwargs.age_bias_init == bias
 
 
 def test_early_stopping_stops_and_stays_stopped(tmp_path):
@@ -67,7 +81,9 @@ def test_routed_method_uses_the_classifier_and_the_experts(tmp_path):
     c = _config("smoke,train=natural")
     c.evals = {"val": c.evals.val, "test_natural": c.evals.test_natural}
     own = ll_main.run(c, wd_a)
-    r = _config(f"smoke,exp=routed,lighting_from={wd_l},normal_from={wd_a},low_from={wd_a}")
+    # the routed config scores in years while the expert regressed age/20: outputs are converted
+    r = _config(f"smoke,exp=routed,age=years,lighting_from={wd_l},normal_from={wd_a},"
+                f"low_from={wd_a}")
     r.evals = {"test_natural": r.evals.test_natural}
     res = ll_main.run(r, wd_r)
     for m in ("age_mae", "gender_acc", "ethnicity_acc"):
@@ -79,3 +95,19 @@ def test_routed_method_uses_the_classifier_and_the_experts(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a lowlight run"):
         ll_main.run(_config(f"smoke,exp=routed,lighting_from={tmp_path}/nope"),
                     str(tmp_path / "bad"))
+
+
+def test_best_step_reads_metrics_and_existing_checkpoints(tmp_path):
+    from lowlight.attributes import best_step
+
+    wd = tmp_path / "run"
+    for s in (2, 4, 6):
+        (wd / "checkpoints" / str(s)).mkdir(parents=True)
+    recs = [{"step": 1, "val/loss": 0.1},  # best, but its checkpoint is gone
+            {"step": 2, "val/loss": 0.5}, {"step": 4, "val/loss": 0.3},
+            {"step": 6, "val/loss": float("nan")}, {"step": 6, "train/loss": 0.0}]
+    (wd / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    assert best_step(str(wd), "val/loss", "min") == 4
+    assert best_step(str(wd), "val/loss", "max") == 2
+    assert best_step(str(wd), "val/acc", "max") is None
+    assert best_step(str(wd), "", "min") is None
