@@ -62,12 +62,43 @@ def restore_or_init(config, workdir, init, abstract, shardings, data_iter, post_
         state = post_init(state)
     init_from = config.get("init_from", "")
     if init_from:
-        other = ckpt_lib.Checkpointer(ckpt_lib.find_checkpoint_dir(init_from), read_only=True)
-        loaded, step = other.restore(target)
-        state = state.replace(params=loaded.params, batch_stats=loaded.batch_stats)
+        params, batch_stats, step = ckpt_lib.load_weights(init_from)
+        state = state.replace(params=_take_matching(state.params, params, "params"),
+                              batch_stats=_take_matching(state.batch_stats, batch_stats,
+                                                         "batch_stats"))
         logging.info("initialised weights from %s step %d (config.init_from)", init_from, step)
         return ckpt, state, "init_from"
     return ckpt, state, "scratch"
+
+
+def _take_matching(fresh, loaded, what: str):
+    """`fresh` with each top-level entry replaced by `loaded`'s where the two trees have the same
+    structure and shapes, placed on `fresh`'s shardings. Only weights move (no optimizer state,
+    step or rng), so a pretrained or converted backbone fine-tunes on another dataset: e.g. the
+    Partial FC `centers` of a different number of identities stay freshly initialised. What is
+    kept fresh is logged by name; a run whose weights match nothing is refused."""
+    if not isinstance(fresh, dict) or not fresh:
+        return fresh
+    loaded = loaded or {}
+    out, taken, kept = dict(fresh), [], []
+    for key, value in fresh.items():
+        other = loaded.get(key)
+        same = other is not None and jax.tree.structure(other) == jax.tree.structure(value) and all(
+            tuple(a.shape) == tuple(b.shape)
+            for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(value)))
+        if same:
+            out[key] = jax.tree.map(
+                lambda a, b: jax.device_put(np.asarray(a, b.dtype), b.sharding), other, value)
+            taken.append(key)
+        else:
+            kept.append(key)
+    if kept:
+        logging.warning("init_from: %s %s kept freshly initialised (absent or other shapes)",
+                        what, kept)
+    if what == "params" and not taken:
+        raise ValueError(f"init_from: none of the {what} {sorted(fresh)} match the checkpoint's "
+                         f"{sorted(loaded)}")
+    return out
 
 
 def _early_stopper(config, workdir):

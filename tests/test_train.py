@@ -160,3 +160,25 @@ def test_trains_from_a_prepared_arrayrecord_dataset(tmp_path):
         "data.root": str(tmp_path / "data")})
     last = ll_main.run(c, str(tmp_path / "run"))
     assert np.isfinite(last["train/loss"])
+
+
+def test_init_from_takes_matching_weights_and_keeps_other_shapes_fresh():
+    """config.init_from moves weights whose shapes match (a pretrained / converted backbone) and
+    keeps the rest freshly initialised (Partial FC centres of another number of identities)."""
+    import jax
+    import numpy as np
+
+    from lowlight.loop import _take_matching
+
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    fresh = {"backbone": {"w": jax.device_put(np.zeros((3, 2), np.float32), dev)},
+             "centers": jax.device_put(np.zeros((10, 2), np.float32), dev)}
+    loaded = {"backbone": {"w": np.arange(6, dtype=np.float64).reshape(3, 2)},
+              "centers": np.ones((7, 2), np.float32)}
+    out = _take_matching(fresh, loaded, "params")
+    np.testing.assert_array_equal(out["backbone"]["w"], np.arange(6).reshape(3, 2))
+    assert out["backbone"]["w"].dtype == np.float32 and out["backbone"]["w"].sharding == dev
+    np.testing.assert_array_equal(out["centers"], np.zeros((10, 2)))
+    with pytest.raises(ValueError, match="none of the params"):
+        _take_matching(fresh, {"other": np.ones(3)}, "params")
+    assert _take_matching({}, loaded, "batch_stats") == {}
