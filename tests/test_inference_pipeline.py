@@ -75,16 +75,14 @@ def _init_run(name, arg, wd, seed):
 
 def photos(root) -> dict[str, str]:
     """astronaut / grace_hopper / a 10%-brightness astronaut as files under `root`."""
-    import matplotlib.cbook
-    import skimage.data
+    from lowlight.data.sample_photos import dim, sample_photos
 
     os.makedirs(root, exist_ok=True)
-    astro = skimage.data.astronaut()
-    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
-        hopper = cv2.imdecode(np.frombuffer(f.read(), np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+    real = sample_photos()
+    astro, hopper = real["astronaut"], real["grace_hopper"]
     out = {}
     for name, im in (("astronaut", astro), ("hopper", hopper),
-                     ("astronaut_dark", np.rint(astro * 0.1).astype(np.uint8))):
+                     ("astronaut_dark", dim(astro, 0.1))):
         out[name] = os.path.join(root, name + ".png")
         cv2.imwrite(out[name], np.ascontiguousarray(im[..., ::-1]))
     return out

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from lowlight import align, models
+from lowlight.data import sample_photos
 from lowlight.models import layers
 from lowlight.models import retinaface as rf
 from lowlight.models import retinaface_box as rbox
@@ -26,18 +27,8 @@ from lowlight.models import retinaface_box as rbox
 ort = pytest.importorskip("onnxruntime")
 
 
-def _photos() -> dict[str, np.ndarray]:
-    import matplotlib.cbook
-    import skimage.data
-    from PIL import Image
-
-    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
-        hopper = np.asarray(Image.open(f).convert("RGB"))
-    return {"astronaut": skimage.data.astronaut(), "grace_hopper": hopper}
-
-
-def _dim(image: np.ndarray, brightness: float) -> np.ndarray:
-    return np.clip(np.rint(image * brightness), 0, 255).astype(np.uint8)
+_photos = sample_photos.sample_photos
+_dim = sample_photos.dim
 
 
 @pytest.fixture(scope="module")

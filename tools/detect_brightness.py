@@ -29,24 +29,15 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lowlight import align  # noqa: E402
+from lowlight.data import sample_photos  # noqa: E402
 from lowlight.models import retinaface as rf  # noqa: E402
 from lowlight.models import retinaface_box as rbox  # noqa: E402
 
 BRIGHTNESS = (1.0, 0.5, 0.3, 0.2, 0.1, 0.05)
 
 
-def photos() -> dict[str, np.ndarray]:
-    import matplotlib.cbook
-    import skimage.data
-    from PIL import Image
-
-    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
-        hopper = np.asarray(Image.open(f).convert("RGB"))
-    return {"astronaut": skimage.data.astronaut(), "grace_hopper": hopper}
-
-
-def dim(image: np.ndarray, brightness: float) -> np.ndarray:
-    return np.clip(np.rint(image * brightness), 0, 255).astype(np.uint8)
+photos = sample_photos.sample_photos
+dim = sample_photos.dim
 
 
 class OnnxOriginal:
