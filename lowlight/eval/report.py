@@ -1,10 +1,12 @@
-"""The recognition sections of an evaluation report (issue 7 §1–3): Markdown, PNGs, scalars.
+"""Sections of an evaluation report (issue 7 §1–3): Markdown, PNGs (``lowlight.eval.plots``)
+and scalars. ``lowlight.evaluate`` assembles them into ``DIR/eval/<step>/report.md``.
 
-Given verification evaluators after ``run()`` (``lowlight.eval.evaluators.SynthVerification``, or
-any object with the same attributes: per pair ``last_scores``, ``issame``, ``pair_conditions``,
-``idx1``, ``idx2``; per cached image ``identity``, ``gender``, ``ethnicity``,
-``last_embeddings``), ``recognition_report`` writes the plots into a directory and returns the
-Markdown sections that link them plus a flat dict of scalar metrics:
+Recognition — given verification evaluators after ``run()``
+(``lowlight.eval.evaluators.SynthVerification``, or any object with the same attributes: per pair
+``last_scores``, ``issame``, ``pair_conditions``, ``idx1``, ``idx2``; per cached image
+``identity``, ``gender``, ``ethnicity``, ``last_embeddings``), ``recognition_report`` writes
+the plots into a directory and returns the Markdown sections that link them plus a flat dict of
+scalar metrics:
 
 - per lighting condition (the pair's condition is its probe image's, paper B §4.2): AUC with a
   95% stratified bootstrap CI, EER, TPR@FPR=1e-2/1e-3 marked not reachable ("n/r", NaN in the
@@ -28,6 +30,13 @@ Metric keys, each prefixed by ``<evaluator name>/``:
       cross_group (FAR only: positive pairs are always within one identity's groups)
   cmc_rank1, cmc_rank5, dir@fpir=1e-1, dir@fpir=1e-1/reachable,
   identification/{num_gallery, num_mated, num_nonmated}
+
+Attributes (paper A) and classifiers, from raw predictions (so a report can be rebuilt from
+``predictions.npz`` without the model):
+- ``attribute_section``: age MAE, gender and ethnicity accuracy overall and per lighting
+  condition, age MAE per age band × condition, the ethnicity confusion matrix (table + PNG);
+- ``classifier_section`` (the lighting CNN, and the router of paper A's method 2): accuracy and
+  mean confidence per condition, confusion matrix, reliability diagram with ECE / MCE.
 """
 
 from __future__ import annotations
@@ -39,10 +48,11 @@ from typing import Any
 
 import numpy as np
 
-from lowlight.eval import fairness, identification, roc_stats
+from lowlight.eval import fairness, identification, plots, roc_stats
 
-__all__ = ["condition_table", "fairness_tables", "identification_summary", "plot_cmc",
-           "plot_det", "plot_tpr_by_condition", "recognition_report"]
+__all__ = ["attribute_section", "attribute_table", "classifier_section", "condition_table",
+           "fairness_tables", "identification_summary", "plot_cmc", "plot_det",
+           "plot_tpr_by_condition", "recognition_report"]
 
 FPR_TARGETS: tuple[float, ...] = (1e-2, 1e-3)
 FAIRNESS_FAR = 1e-2
@@ -270,75 +280,23 @@ def _identification_metrics(name: str, res: Mapping[str, Any], fpir: float = FPI
 
 
 # --------------------------------------------------------------------------------------------
-# plots (matplotlib Figure objects: Agg canvas, no pyplot state)
+# plots (drawn by lowlight.eval.plots; these names stay for callers of the report API)
 # --------------------------------------------------------------------------------------------
-
-
-def _figure(figsize):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=figsize)
 
 
 def plot_det(path: str, pairs: Mapping[str, tuple[Any, Any]]) -> None:
     """DET curves (FAR vs FRR on probit axes) of {name: (scores, issame)}."""
-    fig = _figure((5, 4))
-    ax = fig.subplots()
-    for name, (scores, issame) in pairs.items():
-        fpr, fnr, _ = roc_stats.det_curve(scores, issame)
-        ax.plot(roc_stats.probit(fpr), roc_stats.probit(fnr), label=name)
-    roc_stats.det_axes(ax)
-    ax.set_title("DET (cosine scores)")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    plots.det(path, pairs)
 
 
 def plot_cmc(path: str, curves: Mapping[str, Any]) -> None:
     """CMC curves {name: (max_rank,) identification rate at rank 1..max_rank}."""
-    fig = _figure((5, 4))
-    ax = fig.subplots()
-    for name, curve in curves.items():
-        curve = np.asarray(curve)
-        if curve.size:
-            ax.plot(np.arange(1, curve.size + 1), curve, marker=".", label=name)
-    ax.set_xlabel("rank")
-    ax.set_ylabel("identification rate")
-    ax.set_ylim(0, 1.02)
-    ax.set_title("CMC (closed set, mated probes)")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    plots.cmc(path, curves)
 
 
 def plot_tpr_by_condition(path: str, tables: Mapping[str, Mapping[str, dict]]) -> None:
-    """One panel per evaluator: TPR at each FPR target (bars) per condition; a TPR that is not
-    reachable (too few negatives) or undefined is drawn as an empty slot labelled n/r / n/a."""
-    n = max(len(tables), 1)
-    fig = _figure((max(5.0, 1.1 * max((len(t) for t in tables.values()), default=1)), 2.8 * n))
-    axes = np.atleast_1d(fig.subplots(n, 1, squeeze=False)[:, 0])
-    width = 0.8 / len(FPR_TARGETS)
-    for ax, (name, table) in zip(axes, tables.items()):
-        conds = list(table)
-        x = np.arange(len(conds))
-        for j, fx in enumerate(FPR_TARGETS):
-            k = roc_stats.fpr_key(fx)
-            vals = np.array([table[c][f"tpr@fpr={k}"] for c in conds], np.float64)
-            pos = x + (j - (len(FPR_TARGETS) - 1) / 2) * width
-            ax.bar(pos, np.nan_to_num(vals), width, label=f"FPR={k}")
-            for p, v, c in zip(pos, vals, conds):
-                if math.isnan(v):
-                    txt = "n/a" if not (table[c]["pos"] and table[c]["neg"]) else "n/r"
-                    ax.text(p, 0.02, txt, ha="center", va="bottom", fontsize=7, rotation=90)
-        ax.set_xticks(x, conds, rotation=20)
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel("TPR")
-        ax.set_title(f"{name}: TPR@FPR per lighting condition")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    """TPR at each of FPR_TARGETS per condition (bars), one panel per evaluator."""
+    plots.tpr_by_condition(path, tables, FPR_TARGETS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,4 +366,155 @@ def recognition_report(evaluators: Mapping[str, Any], out_dir: str, *, n_boot: i
     if plots and evs:
         plot_cmc(os.path.join(out_dir, "cmc.png"), {n: r["cmc"] for n, r in ident.items()})
         lines += ["", "![CMC](cmc.png)"]
+    return "\n".join(lines) + "\n", metrics
+
+
+# --------------------------------------------------------------------------------------------
+# attributes (paper A) and classifiers (the lighting CNN): sections from raw predictions
+# --------------------------------------------------------------------------------------------
+
+ETHNICITY_NAMES = tuple(fairness.ETHNICITY_NAMES)
+GENDER_NAMES = tuple(fairness.GENDER_NAMES)
+RELIABILITY_BINS = 10
+
+
+def _conditions_in_order(conditions: np.ndarray) -> list[str]:
+    from lowlight.data import conditions as cond_lib
+
+    present = list(dict.fromkeys(conditions.tolist()))
+    return ([c for c in cond_lib.CONDITIONS if c in present]
+            + sorted(c for c in present if c not in cond_lib.CONDITIONS))
+
+
+def _band_key(lo: int, hi: int) -> str:
+    return f"{lo}-{hi}"
+
+
+def attribute_table(pred: Mapping[str, Any], targets: Mapping[str, Any], conditions: Any, *,
+                    bands: Sequence[tuple[int, int]]) -> dict[str, dict[str, Any]]:
+    """Paper A's metrics from raw predictions, overall ("all") and per lighting condition.
+
+    Args:
+      pred: "age" (N,) years, "gender" (N,) 0/1, "ethnicity" (N,) class ids (predicted labels).
+      targets: the same keys, true values.
+      conditions: (N,) condition tag per image.
+      bands: inclusive (lo, hi) age bands in years.
+
+    Returns:
+      {"all" | condition: {"n", "age_mae", "gender_acc", "ethnicity_acc", "bands": {"lo-hi":
+      {"n", "age_mae"}}}}; empty bands have n 0 and NaN MAE.
+    """
+    conds = np.asarray([str(c) for c in np.asarray(conditions).ravel()])
+    age_t = np.asarray(targets["age"], np.float64)
+    err = np.abs(np.asarray(pred["age"], np.float64) - age_t)
+    g_ok = np.asarray(pred["gender"]).astype(np.int64) == np.asarray(targets["gender"], np.int64)
+    e_ok = (np.asarray(pred["ethnicity"]).astype(np.int64)
+            == np.asarray(targets["ethnicity"], np.int64))
+    if not (conds.size == err.size == g_ok.size == e_ok.size):
+        raise ValueError(f"attribute_table: predictions ({err.size}), targets and conditions "
+                         f"({conds.size}) differ in length")
+
+    def row(sel):
+        out = {"n": int(sel.sum()), "age_mae": float(err[sel].mean()) if sel.any() else math.nan,
+               "gender_acc": float(g_ok[sel].mean()) if sel.any() else math.nan,
+               "ethnicity_acc": float(e_ok[sel].mean()) if sel.any() else math.nan, "bands": {}}
+        for lo, hi in bands:
+            b = sel & (age_t >= lo) & (age_t <= hi)
+            out["bands"][_band_key(lo, hi)] = {
+                "n": int(b.sum()), "age_mae": float(err[b].mean()) if b.any() else math.nan}
+        return out
+
+    table = {ALL: row(np.ones(conds.size, bool))}
+    for c in _conditions_in_order(conds):
+        table[c] = row(conds == c)
+    return table
+
+
+def attribute_section(name: str, pred: Mapping[str, Any], targets: Mapping[str, Any],
+                      conditions: Any, out_dir: str, *, bands: Sequence[tuple[int, int]],
+                      plots_: bool = True) -> tuple[str, dict[str, Any]]:
+    """Markdown + scalars of one attribute evaluator: per-condition table, age MAE per band
+    and condition, the ethnicity confusion matrix (``confusion_ethnicity_<name>.png``).
+
+    Scalars (prefixed ``<name>/``): ``<condition>/age_mae_<lo>-<hi>`` (the evaluator itself
+    reports the overall and per-condition MAE / accuracies and the overall per-band MAE).
+    """
+    table = attribute_table(pred, targets, conditions, bands=bands)
+    metrics: dict[str, Any] = {}
+    for c, r in table.items():
+        if c == ALL:
+            continue
+        for band, b in r["bands"].items():
+            if b["n"]:
+                metrics[f"{name}/{c}/age_mae_{band}"] = b["age_mae"]
+    cols = list(table)
+    lines = [f"### {name}", "", "| condition | images | age MAE (years) | gender acc | "
+             "ethnicity acc |", "|---|---:|---:|---:|---:|"]
+    for c, r in table.items():
+        lines.append(f"| {'**all**' if c == ALL else c} | {r['n']} | {_fmt(r['age_mae'], 2)} | "
+                     f"{_fmt(r['gender_acc'], 3)} | {_fmt(r['ethnicity_acc'], 3)} |")
+    lines += ["", "Age MAE (years) per age band — images in brackets:", "",
+              "| age band | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for lo, hi in bands:
+        k = _band_key(lo, hi)
+        cells = [f"{_fmt(table[c]['bands'][k]['age_mae'], 2)} ({table[c]['bands'][k]['n']})"
+                 for c in cols]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    counts = plots.confusion_counts(targets["ethnicity"], pred["ethnicity"], len(ETHNICITY_NAMES))
+    lines += ["", "Ethnicity confusion (rows true, columns predicted):", "",
+              "| true \\ predicted | " + " | ".join(ETHNICITY_NAMES) + " |",
+              "|---|" + "---:|" * len(ETHNICITY_NAMES)]
+    lines += [f"| {n} | " + " | ".join(str(v) for v in r) + " |"
+              for n, r in zip(ETHNICITY_NAMES, counts)]
+    if plots_:
+        png = f"confusion_ethnicity_{name}.png"
+        plots.confusion(os.path.join(out_dir, png), targets["ethnicity"], pred["ethnicity"],
+                        ETHNICITY_NAMES, title=f"{name}: ethnicity")
+        lines += ["", f"![{name} ethnicity confusion]({png})"]
+    return "\n".join(lines) + "\n", metrics
+
+
+def classifier_section(name: str, probs: Any, labels: Any, conditions: Any,
+                       class_names: Sequence[str], out_dir: str, *, n_bins: int = RELIABILITY_BINS,
+                       plots_: bool = True, title: str = "") -> tuple[str, dict[str, Any]]:
+    """Markdown + scalars of a classifier (the lighting CNN): accuracy and mean top-1
+    confidence per condition, the confusion matrix (``confusion_<name>.png``) and the
+    reliability diagram with its ECE (``reliability_<name>.png``, ``plots.calibration``).
+
+    Scalars (prefixed ``<name>/``): ``ece``, ``mce``, ``mean_confidence``, ``top1_acc``.
+    """
+    probs = np.asarray(probs, np.float64)
+    labels = np.asarray(labels, np.int64).ravel()
+    conds = np.asarray([str(c) for c in np.asarray(conditions).ravel()])
+    if probs.ndim != 2 or probs.shape[0] != labels.size or conds.size != labels.size:
+        raise ValueError(f"classifier_section: probs {probs.shape}, labels {labels.shape} and "
+                         f"conditions {conds.shape} do not describe the same N images")
+    pred = probs.argmax(axis=1)
+    conf = probs.max(axis=1)
+    correct = pred == labels
+    cal = plots.calibration(conf, correct, n_bins)
+    metrics = {f"{name}/ece": cal["ece"], f"{name}/mce": cal["mce"],
+               f"{name}/mean_confidence": float(conf.mean()),
+               f"{name}/top1_acc": float(correct.mean())}
+    lines = [f"### {title or name}", "",
+             f"ECE {cal['ece']:.4f} (MCE {cal['mce']:.4f}; {n_bins} equal-width bins of the "
+             "top-1 softmax confidence)", "",
+             "| condition | images | accuracy | mean confidence |", "|---|---:|---:|---:|",
+             f"| **all** | {labels.size} | {correct.mean():.4f} | {conf.mean():.4f} |"]
+    for c in _conditions_in_order(conds):
+        sel = conds == c
+        lines.append(f"| {c} | {int(sel.sum())} | {correct[sel].mean():.4f} | "
+                     f"{conf[sel].mean():.4f} |")
+    counts = plots.confusion_counts(labels, pred, len(class_names))
+    lines += ["", "| true \\ predicted | " + " | ".join(class_names) + " |",
+              "|---|" + "---:|" * len(class_names)]
+    lines += [f"| {n} | " + " | ".join(str(v) for v in r) + " |"
+              for n, r in zip(class_names, counts)]
+    if plots_:
+        plots.confusion(os.path.join(out_dir, f"confusion_{name}.png"), labels, pred, class_names,
+                        title=title or name)
+        plots.reliability(os.path.join(out_dir, f"reliability_{name}.png"), conf, correct,
+                          n_bins=n_bins, title=title or name)
+        lines += ["", f"![{name} confusion](confusion_{name}.png) "
+                      f"![{name} reliability](reliability_{name}.png)"]
     return "\n".join(lines) + "\n", metrics
