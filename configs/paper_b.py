@@ -8,7 +8,9 @@ r"""Paper B's experiments as one config family: ablation, mask and segmenter com
                    feature modulation compared on the same backbone            (Table 8)
   exp=seg_none | seg_ycbcr | seg_cnn3 | seg_unet
                    mask source compared: none, YCbCr thresholds, 3-conv CNN, U-Net (Table 9)
-  exp=grid         backbone × loss (§4.5.5): backbone=r50|r100|vit_t|vit_s|vit_b, loss=...
+  exp=grid         backbone × loss (§4.5.5): backbone=r50|r100|vit_t|vit_s|vit_b, loss=...,
+                   modules=aug (augmentation only) | full (relighting + U-Net mask, as Table
+                   6(b) trains every cell)
 
 The relighting net and segmenters are trained first by their own configs; point at their runs:
   python -m lowlight.main --config=configs/relight.py --workdir=runs/relight
@@ -35,10 +37,11 @@ BACKBONES = {"r18": "iresnet18", "r50": "iresnet50", "r100": "iresnet100", "vit_
 def get_config(arg=None):
     a = config_lib.parse_arg(arg, exp="full", backbone="r100", loss="arcface", scale="auto",
                              smoke=False, relight_from="runs/relight", unet_from="runs/skin_unet",
-                             cnn3_from="runs/skin_cnn3", freeze_steps=-1)
+                             cnn3_from="runs/skin_cnn3", freeze_steps=-1, modules="aug")
     config_lib.choice("exp", a.exp, EXPS)
     config_lib.choice("backbone", a.backbone, BACKBONES)
     config_lib.choice("loss", a.loss, recipes.LOSS_DEFAULTS)
+    config_lib.choice("modules", a.modules, ("aug", "full"))
     scale = recipes.resolve_scale("smoke" if a.smoke else a.scale)
     small, cpu = scale == "smoke", scale in ("cpu", "smoke")
     backbone = a.backbone if a.exp == "grid" else "r100"
@@ -78,9 +81,10 @@ def get_config(arg=None):
 
     exp = a.exp
     c.augment.enabled = exp not in ("baseline",)
-    if exp in ("relight", "full"):
+    all_modules = exp == "full" or (exp == "grid" and a.modules == "full")
+    if exp == "relight" or all_modules:
         use_relight()
-    if exp in ("full", "mask_unet", "seg_unet"):
+    if exp in ("mask_unet", "seg_unet") or all_modules:
         use_mask("unet")
     if exp == "seg_cnn3":
         use_mask("seg_cnn3")
@@ -89,7 +93,10 @@ def get_config(arg=None):
     if exp in ("mask_se", "mask_cbam"):
         m.mask.attention = exp.split("_")[1]
     if small:
+        # smoke runs do not need pretrained modules: drop the default paths (which would not
+        # exist), keep any path the user (or tools/reproduce.py) gave explicitly
+        defaults = {"runs/relight", "runs/skin_unet", "runs/skin_cnn3"}
         for k in ("relight", "mask"):
-            if m[k].get("init_from"):
-                m[k].init_from = ""  # smoke runs do not need pretrained modules
+            if m[k].get("init_from") in defaults:
+                m[k].init_from = ""
     return c

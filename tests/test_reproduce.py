@@ -30,13 +30,33 @@ def _config(name, arg):
 # ------------------------------------------------------------------------------ the plan
 @pytest.mark.parametrize("scale", ["smoke", "cpu", "full"])
 def test_rows_sharing_a_run_have_identical_configs(scale):
-    """b_aug stands for Table 8's "no masking", Table 9's "none" and the grid's iResNet-100 +
-    ArcFace: those experiments must be the same config apart from their label."""
-    ref = _config("paper_b.py", f"exp=aug,scale={scale}")
-    for arg in ("exp=mask_none", "exp=seg_none", "exp=grid,backbone=r100,loss=arcface"):
-        other = _config("paper_b.py", f"{arg},scale={scale}")
-        assert {k: v for k, v in other.items() if k != "exp"} == \
-               {k: v for k, v in ref.items() if k != "exp"}, arg
+    """b_aug stands for Table 8's "no masking" and Table 9's "none", b_full for the grid's
+    iResNet-100 + ArcFace cell (Table 6(b) trains every cell with all modules): those
+    experiments must be the same config apart from their label."""
+    deps = "relight_from=/r,unet_from=/u"
+    for ref_arg, args in (("exp=aug", ("exp=mask_none", "exp=seg_none",
+                                       "exp=grid,backbone=r100,loss=arcface,modules=aug")),
+                          (f"exp=full,{deps}", (f"exp=grid,backbone=r100,loss=arcface,"
+                                                f"modules=full,{deps}",))):
+        ref = _config("paper_b.py", f"{ref_arg},scale={scale}")
+        for arg in args:
+            other = _config("paper_b.py", f"{arg},scale={scale}")
+            assert {k: v for k, v in other.items() if k != "exp"} == \
+                   {k: v for k, v in ref.items() if k != "exp"}, arg
+
+
+def test_grid_with_all_modules_loads_the_given_module_runs_at_every_scale():
+    for scale in ("smoke", "cpu"):
+        c = _config("paper_b.py", f"exp=grid,backbone=vit_b,loss=magface,modules=full,"
+                                  f"relight_from=/r,unet_from=/u,scale={scale}")
+        assert c["modules"]["relight"]["enabled"] and c["modules"]["relight"]["init_from"] == "/r"
+        assert c["modules"]["mask"]["source"] == "segmenter"
+        assert c["modules"]["mask"]["init_from"] == "/u"
+    # at smoke size the default paths (which a smoke run has not trained) are dropped
+    c = _config("paper_b.py", "exp=full,scale=smoke")
+    assert c["modules"]["relight"]["init_from"] == c["modules"]["mask"]["init_from"] == ""
+    c = _config("paper_b.py", "exp=grid,modules=aug,scale=cpu")
+    assert not c["modules"]["relight"]["enabled"] and c["modules"]["mask"]["source"] != "segmenter"
 
 
 def test_cpu_plan_shares_runs_orders_dependencies_and_fits_the_budget(tmp_path):
