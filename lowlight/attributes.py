@@ -16,6 +16,7 @@ test on {distortion, natural}) is a set of evaluators on one run (configs/paper_
 from __future__ import annotations
 
 import os
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -249,6 +250,55 @@ def _load_run(workdir: str, *, best: bool = False):
     return model, {"params": params, "batch_stats": batch_stats}, cfg
 
 
+class Router(NamedTuple):
+    """Paper A's method 2: a lighting classifier and one attribute expert per class."""
+
+    light_fn: Any
+    light_vars: dict
+    n_classes: int
+    experts: dict  # classifier class -> (model, variables, config dict)
+
+
+def load_router(routing) -> Router:
+    """The classifier (latest checkpoint) and experts (best-validation checkpoint each) named
+    by `config.routing`; every classifier class must have an expert."""
+    light_model, light_vars, light_cfg = _load_run(routing.lighting_from)
+    experts = {int(k): _load_run(v, best=True) for k, v in routing.experts.items()}
+    n_classes = int(light_cfg["model"]["kwargs"].get("num_classes", 2))
+    missing = [c for c in range(n_classes) if c not in experts]
+    if missing:
+        raise ValueError(f"routing.experts has no model for classifier classes {missing}; "
+                         f"the classifier in {routing.lighting_from} has {n_classes} classes")
+    return Router(_ModelFn(light_model), light_vars, n_classes, experts)
+
+
+def route_and_score(ev: AttributeEvaluator, router: Router):
+    """Routes every face of `ev` to its expert and scores the mixed predictions.
+
+    Returns (metrics, routed outputs in `ev`'s age units, router logits (N, classes)). The
+    metrics add `<name>/lighting_acc` (router's "low" vs the simulated low-light label) and
+    `<name>/routed_to_<c>` (fraction sent to each expert)."""
+    logits = np.concatenate([np.asarray(router.light_fn(router.light_vars, ev.images[i:i + 256]))
+                             for i in range(0, len(ev.images), 256)])
+    route = np.argmax(logits, -1)
+    outs = {c: AttributeEvaluator.outputs(_with_fn(ev, m), v)
+            for c, (m, v, _) in router.experts.items()}
+    # experts may regress age in different units (task_cfg.age_scale): bring each to the
+    # units `ev.score` reads (the evaluating config's age_scale) before mixing them
+    target = ev.task_cfg.get("age_scale", 1.0)
+    for c, (_, _, cfg_c) in router.experts.items():
+        own = (cfg_c.get("task_cfg") or {}).get("age_scale", 1.0)
+        outs[c]["age"] = outs[c]["age"] * (target / own)
+    first = next(iter(outs.values()))
+    routed = {k: np.stack([outs[int(r)][k][i] for i, r in enumerate(route)]) for k in first}
+    res = ev.score(routed)
+    truth = (np.asarray(ev.conditions) == cond.LOW).astype(int)
+    res[f"{ev.name}/lighting_acc"] = float(np.mean((route > 0).astype(int) == truth))
+    for c in router.experts:
+        res[f"{ev.name}/routed_to_{c}"] = float(np.mean(route == c))
+    return res, routed, logits
+
+
 def run_routed(config, workdir: str) -> dict:
     """Paper A's method 2, evaluated as one model: the lighting classifier labels each test face
     and sends it to the attribute model trained for that condition (`config.routing.experts`:
@@ -256,36 +306,13 @@ def run_routed(config, workdir: str) -> dict:
     and a Markdown table; no training."""
     from lowlight.metric_writer import MetricWriter
 
-    light_model, light_vars, light_cfg = _load_run(config.routing.lighting_from)
-    experts = {int(k): _load_run(v, best=True) for k, v in config.routing.experts.items()}
-    n_classes = light_cfg["model"]["kwargs"].get("num_classes", 2)
-    missing = [c for c in range(n_classes) if c not in experts]
-    if missing:
-        raise ValueError(f"routing.experts has no model for classifier classes {missing}; "
-                         f"the classifier has {n_classes} classes")
-    light_fn = _ModelFn(light_model)
+    router = load_router(config.routing)
     writer = MetricWriter(workdir)
     results, lines = {}, ["| test set | routed age MAE | gender acc | ethnicity acc | "
                           "classifier acc (simulated = low) |", "|---|---:|---:|---:|---:|"]
     for name, ev_cfg in config.evals.items():
-        ev = AttributeEvaluator(name, ev_cfg, experts[0][0], config.get("task_cfg", {}))
-        route = np.concatenate([np.argmax(light_fn(light_vars, ev.images[i:i + 256]), -1)
-                                for i in range(0, len(ev.images), 256)])
-        outs = {c: AttributeEvaluator.outputs(_with_fn(ev, m), v)
-                for c, (m, v, _) in experts.items()}
-        # experts may regress age in different units (task_cfg.age_scale): bring each to the
-        # units `ev.score` reads (this config's age_scale) before mixing them
-        target = ev.task_cfg.get("age_scale", 1.0)
-        for c, (_, _, cfg_c) in experts.items():
-            own = (cfg_c.get("task_cfg") or {}).get("age_scale", 1.0)
-            outs[c]["age"] = outs[c]["age"] * (target / own)
-        routed = {k: np.stack([outs[int(r)][k][i] for i, r in enumerate(route)])
-                  for k in outs[0]}
-        res = ev.score(routed)
-        truth = (ev.conditions == cond.LOW).astype(int)
-        res[f"{name}/lighting_acc"] = float(np.mean((route > 0).astype(int) == truth))
-        for c in experts:
-            res[f"{name}/routed_to_{c}"] = float(np.mean(route == c))
+        ev = AttributeEvaluator(name, ev_cfg, router.experts[0][0], config.get("task_cfg", {}))
+        res, _, _ = route_and_score(ev, router)
         results.update(res)
         lines.append(f"| {name} | {res[f'{name}/age_mae']:.2f} | {res[f'{name}/gender_acc']:.3f}"
                      f" | {res[f'{name}/ethnicity_acc']:.3f} | {res[f'{name}/lighting_acc']:.3f} |")

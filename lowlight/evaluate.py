@@ -27,7 +27,6 @@ seconds pass without a new checkpoint.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
@@ -215,47 +214,28 @@ def _supervised(config, variables, model, out_dir):
 
 def _routed(config, out_dir):
     """Paper A's method 2 from the run's config: the lighting classifier routes every test face
-    to an expert (`config.routing`); metrics as `lowlight.attributes.run_routed` logs them, plus
-    the attribute sections and the router's classifier section (truth: simulated low light for
-    a binary router, the condition's group for a 4-class one)."""
-    from lowlight.attributes import AttributeEvaluator
+    to an expert (`config.routing`); metrics exactly as `lowlight.attributes.run_routed` logs
+    them (the same `route_and_score`: best checkpoints, age units converted), plus the attribute
+    sections and the router's classifier section (truth: simulated low light for a binary
+    router, the condition's group for a 4-class one)."""
+    from lowlight.attributes import AttributeEvaluator, load_router, route_and_score
     from lowlight.data import conditions as cond_lib
     from lowlight.eval import report
-    from lowlight.train_supervised import _ModelFn
 
-    def run_of(path):
-        cfg = load_config(path)
-        return _load_run(cfg.model, path)[:2] + (cfg,)
-
-    light_model, light_vars, light_cfg = run_of(config.routing.lighting_from)
-    experts = {int(k): run_of(v) for k, v in config.routing.experts.items()}
-    n_classes = int(light_cfg.model.kwargs.get("num_classes", 2))
-    missing = [c for c in range(n_classes) if c not in experts]
-    if missing:
-        raise ValueError(f"routing.experts has no model for classifier classes {missing}; "
-                         f"the classifier in {config.routing.lighting_from} has {n_classes}")
-    light_fn = _ModelFn(light_model)
+    router = load_router(config.routing)
+    n_classes = router.n_classes
     age_scale = config.get("task_cfg", {}).get("age_scale", 1.0)
     metrics, extra, sections, arrays = {}, {}, [], {}
     for name, ev_cfg in config.evals.items():
-        ev = AttributeEvaluator(name, ev_cfg, experts[0][0], config.get("task_cfg", {}))
-        probs = _softmax(_batched(lambda x: light_fn(light_vars, x), ev.images))
+        ev = AttributeEvaluator(name, ev_cfg, router.experts[0][0], config.get("task_cfg", {}))
+        m, routed, logits = route_and_score(ev, router)
+        probs = _softmax(logits)
         route = probs.argmax(axis=1)
-        outs = {}
-        for c, (model, variables, _) in experts.items():
-            other = copy.copy(ev)
-            other.fn = _ModelFn(model)
-            outs[c] = other.outputs(variables)
-        routed = {k: np.stack([outs[int(r)][k][i] for i, r in enumerate(route)])
-                  for k in outs[0]}
-        m = ev.score(routed)
-        truth = (np.asarray(ev.conditions) == cond_lib.LOW).astype(int)
-        m[f"{name}/lighting_acc"] = float(np.mean((route > 0).astype(int) == truth))
-        for c in experts:
-            m[f"{name}/routed_to_{c}"] = float(np.mean(route == c))
         metrics.update(m)
         md, e, arr = _attribute_outputs(name, ev, routed, age_scale, out_dir)
-        if n_classes != 2:
+        if n_classes == 2:
+            truth = (np.asarray(ev.conditions) == cond_lib.LOW).astype(int)
+        else:
             truth = np.asarray([cond_lib.group_index(str(c)) for c in ev.conditions])
         names = LIGHTING_CLASSES["binary" if n_classes == 2 else "groups"]
         md_r, e_r = report.classifier_section(f"{name}_router", probs, truth, ev.conditions,

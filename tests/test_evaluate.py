@@ -181,6 +181,12 @@ def test_routed_report_equals_its_expert_when_both_experts_are_one_model(tmp_pat
     assert "test_natural: router" in text and "](reliability_test_natural_router.png)" in text
     with pytest.raises(ValueError, match="routed run"):
         ll_eval.follow(wd, poll=0.01, timeout=1)
+    # the report's metrics are the ones the routed task itself logs (one shared routing code)
+    from lowlight.attributes import run_routed
+
+    logged = run_routed(r, str(tmp_path / "routed_task"))
+    for k, v in logged.items():
+        np.testing.assert_allclose(res[k], v, rtol=1e-6, err_msg=k)
 
 
 @pytest.mark.parametrize("name", ["relight", "skin_seg"])
