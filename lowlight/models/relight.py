@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowlight.data import normalize
+from lowlight.models import fast_conv
 
 #: Default width: 1,185,814 parameters, paper B §3.4's "approximately 1.2 M".
 DEFAULT_WIDTH = 208
@@ -61,12 +62,15 @@ class RelightNet(nn.Module):
         (3 -> five convolutions in all, as in the paper).
       max_gain: bound of the per-pixel gain, exp(g) in [1/max_gain, max_gain].
       dtype: compute dtype of the convolutions (parameters stay float32; output float32).
+      conv_impl: "auto" | "xla" | "fast" (`lowlight.models.fast_conv`: on XLA:CPU its
+        dilated convolutions run as plain ones over interleaved sub-images).
     """
 
     width: int = DEFAULT_WIDTH
     dilations: Sequence[int] = DEFAULT_DILATIONS
     max_gain: float = 16.0
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> tuple[jax.Array, dict]:
@@ -84,7 +88,7 @@ class RelightNet(nn.Module):
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"RelightNet: expected (N, H, W, 3), got shape {x.shape}")
         x = x.astype(jnp.float32)
-        conv = lambda feats, dil, name, **kw: nn.Conv(  # noqa: E731
+        conv = lambda feats, dil, name, **kw: fast_conv.conv_module(self.conv_impl)(  # noqa: E731
             feats, (3, 3), kernel_dilation=dil, padding="SAME", dtype=self.dtype, name=name, **kw)
         h = nn.relu(conv(self.width, 1, "conv_in")(x))
         for i, dil in enumerate(self.dilations):
@@ -100,7 +104,8 @@ class RelightNet(nn.Module):
 
 
 def relight(*, width: int = DEFAULT_WIDTH, dilations: Sequence[int] = DEFAULT_DILATIONS,
-            max_gain: float = 16.0, dtype: Any = jnp.float32) -> RelightNet:
+            max_gain: float = 16.0, dtype: Any = jnp.float32,
+            conv_impl: str = "auto") -> RelightNet:
     """Model-zoo factory for "relight" (paper B §3.4); see `RelightNet` for the arguments.
 
     `width=208` (default) is the paper-size model (1,185,814 parameters); e.g. `width=16` is a
@@ -113,7 +118,7 @@ def relight(*, width: int = DEFAULT_WIDTH, dilations: Sequence[int] = DEFAULT_DI
     if not max_gain > 1.0:
         raise ValueError(f"max_gain: expected a number > 1, got {max_gain}")
     return RelightNet(width=int(width), dilations=tuple(int(d) for d in dilations),
-                      max_gain=float(max_gain), dtype=dtype)
+                      max_gain=float(max_gain), dtype=dtype, conv_impl=conv_impl)
 
 
 def num_params(width: int, num_residual: int = len(DEFAULT_DILATIONS)) -> int:

@@ -58,6 +58,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lowlight.models import fast_conv
 from lowlight.models import layers as L
 
 #: Paper B §3.3 widths: four levels, the last (512) is the bottleneck.
@@ -83,12 +84,14 @@ class ConvBlock(nn.Module):
 
     features: int
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        conv = fast_conv.conv_module(self.conv_impl)
         for i in range(2):
-            x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
-                        name=f"conv{i}")(x)
+            x = conv(self.features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
+                     name=f"conv{i}")(x)
             x = L.batch_norm(train=train, dtype=self.dtype, name=f"bn{i}")(x)
             x = nn.relu(x)
         return x
@@ -104,11 +107,13 @@ class UNet(nn.Module):
       upsample: "transpose" (ConvTranspose 2x2 stride 2) or "bilinear" (resize + 1x1 conv).
       dtype: computation dtype of the body (parameters stay float32); the head and the
         sigmoid run in float32.
+      conv_impl: "auto" | "xla" | "fast" (`lowlight.models.fast_conv`; the same parameters).
     """
 
     features: Sequence[int] = DEFAULT_FEATURES
     upsample: str = "transpose"
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -117,21 +122,25 @@ class UNet(nn.Module):
         x = x.astype(self.dtype)
         skips = []
         for k, f in enumerate(feats[:-1]):
-            x = ConvBlock(f, dtype=self.dtype, name=f"enc{k}")(x, train)
+            x = ConvBlock(f, dtype=self.dtype, conv_impl=self.conv_impl,
+                          name=f"enc{k}")(x, train)
             skips.append(x)
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = ConvBlock(feats[-1], dtype=self.dtype, name="bottleneck")(x, train)
+        x = ConvBlock(feats[-1], dtype=self.dtype, conv_impl=self.conv_impl,
+                      name="bottleneck")(x, train)
         for k in reversed(range(len(feats) - 1)):
             f = feats[k]
             if self.upsample == "transpose":
-                x = nn.ConvTranspose(f, (2, 2), strides=(2, 2), padding="VALID",
-                                     dtype=self.dtype, name=f"up{k}")(x)
+                up = fast_conv.conv_transpose_module(self.conv_impl)
+                x = up(f, (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype,
+                       name=f"up{k}")(x)
             else:
                 b, h, w, c = x.shape
                 x = jax.image.resize(x, (b, 2 * h, 2 * w, c), "bilinear")
                 x = nn.Conv(f, (1, 1), dtype=self.dtype, name=f"up{k}")(x)
             x = jnp.concatenate([skips[k], x], axis=-1)
-            x = ConvBlock(f, dtype=self.dtype, name=f"dec{k}")(x, train)
+            x = ConvBlock(f, dtype=self.dtype, conv_impl=self.conv_impl,
+                          name=f"dec{k}")(x, train)
         # Paper B eq. (1): M = sigmoid(W_f F + b), a 1x1 conv on the last decoder features.
         logits = nn.Conv(1, (1, 1), dtype=jnp.float32, name="head")(x.astype(jnp.float32))
         logits = logits[..., 0]
@@ -168,7 +177,7 @@ class SegCNN3(nn.Module):
 
 
 def unet(*, features: Sequence[int] | None = None, width: float = 1.0,
-         upsample: str = "transpose", dtype: Any = jnp.float32) -> UNet:
+         upsample: str = "transpose", dtype: Any = jnp.float32, conv_impl: str = "auto") -> UNet:
     """Paper B §3.3 U-Net (registry name "unet"). 7,700,161 parameters at the defaults.
 
     Args:
@@ -177,6 +186,7 @@ def unet(*, features: Sequence[int] | None = None, width: float = 1.0,
       width: multiplier applied to `features` (rounded, at least 1), e.g. 0.125 -> (8, 16, 32, 64).
       upsample: "transpose" (default, original U-Net) or "bilinear".
       dtype: computation dtype (e.g. jnp.bfloat16); parameters are float32.
+      conv_impl: "auto" (fast_conv on the CPU backend), "xla" or "fast".
     """
     feats = tuple(DEFAULT_FEATURES if features is None else features)
     if len(feats) < 2:
@@ -186,7 +196,7 @@ def unet(*, features: Sequence[int] | None = None, width: float = 1.0,
     if upsample not in UPSAMPLE_MODES:
         raise ValueError(f"unet: upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
     feats = tuple(max(1, int(round(f * width))) for f in feats)
-    return UNet(features=feats, upsample=upsample, dtype=dtype)
+    return UNet(features=feats, upsample=upsample, dtype=dtype, conv_impl=conv_impl)
 
 
 def seg_cnn3(*, features: Sequence[int] = (32, 32), kernel_size: int = 3,

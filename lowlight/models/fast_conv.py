@@ -1,0 +1,550 @@
+"""2-D convolution with a backward pass that XLA:CPU runs fast; a drop-in for `nn.Conv`.
+
+Why this exists (docs/performance.md has the measurements): on XLA:CPU (jax 0.10, YNNPACK
+convolutions) the *forward* convolution of a ResNet runs near the machine's matmul peak, but the
+two gradients that automatic differentiation derives from it do not:
+
+  * the kernel gradient (wgrad) becomes one convolution whose window is the whole feature map
+    and whose "input features" are the batch; XLA transposes both operands for it and runs it
+    at 25-60% of the forward rate at batch 32, worst on 56x56 and 112x112 maps, because the
+    operands of the whole batch no longer fit in cache. Summing the same gradient over small
+    batch chunks (each chunk's operands fit in L2) runs 1.3-3x faster; the chunk size follows
+    from the feature-map size (`_wgrad_chunk`; one device only — a sharded batch is already
+    split).
+  * the input gradient (dgrad) of a strided convolution becomes a convolution over the
+    gradient with zeros inserted between its rows and columns (`lhs_dilation`), which spends
+    s*s times the necessary work multiplying those zeros. Here it is computed by phase
+    (sub-pixel) decomposition instead: input pixel (i, j) receives gradient only from the taps
+    whose offset is congruent to (i, j) modulo the stride, so each of the s*s phases is a
+    *stride-1* convolution with a sub-kernel, and interleaving the phases gives the gradient
+    with exactly the forward's FLOPs.
+  * 1x1 convolutions (the ResNet shortcuts, MobileNetV2 expansions/projections) are plain
+    matmuls in every direction (`dot_general`), strided ones on a strided slice.
+  * stride-1 3x3 convolutions with >= 64 channels use Winograd F(2x2, 3x3), forward and for
+    the input gradient: 16 matmuls on transformed 4x4 tiles, 2.25x fewer multiplications;
+    measured up to 1.9x faster than XLA's convolution (1.5x on the 14x14x256 layers that hold
+    half of an iResNet's FLOPs) and never more than 4% slower where it is used
+    (`_use_winograd`).
+  * transposed convolutions whose kernel tiles the output (the U-Net's 2x2 stride-2
+    up-convolution) are one matmul and a pixel shuffle (`ConvTranspose`), not a convolution
+    over zero-inserted input.
+  * dilated stride-1 convolutions (the relighting net) run as plain convolutions over the
+    d*d interleaved sub-images (space-to-batch), which the paths above then speed up.
+  * depthwise convolutions (MobileNetV2) go through XLA:CPU's grouped-convolution path at
+    ~1 GFLOP/s; as a sum of shifted, scaled input views (one fused elementwise loop) they run
+    20-40x faster forward and 6-20x faster with gradients (autodiff of the same sum).
+
+`conv(x, kernel, ...)` is the functional form, `Conv` the flax module: the same parameters as
+`nn.Conv` (`kernel` (kh, kw, in/groups, out), `bias` (out,)), the same initialisers and dtype
+promotion, so checkpoints and `load_torch_state` converters do not change. `conv_module(impl)`
+picks the implementation from a model attribute (`conv_impl`): "xla" is `nn.Conv` itself,
+"fast" this file, "auto" (the models' default) "fast" on the CPU backend and "xla" elsewhere.
+Numerics: outputs and gradients agree with XLA's to float32 rounding (tests/test_fast_conv.py;
+the formulations sum the same products in other orders, relative differences ~1e-6).
+
+Scope: NHWC inputs with one batch axis, 2-D kernels, any stride, dilation, explicit or
+"SAME"/"VALID" padding and feature groups (depthwise included).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+#: Values `conv_impl` may take in the models that thread it through. "auto" is "fast" when
+#: the default backend is the CPU (where it was measured faster) and "xla" elsewhere (GPU/TPU
+#: convolution libraries differentiate convolutions well; per-image kernel-gradient ops would
+#: only add launches there).
+CONV_IMPLS: tuple[str, ...] = ("auto", "xla", "fast")
+
+_DN = ("NHWC", "HWIO", "NHWC")
+#: Target bytes of one wgrad chunk's input activations (at least one image per chunk).
+#: Measured on one Zen 5 core (1 MiB L2) at batch 32: 400-800 KiB chunks ran the kernel
+#: gradient 1.2-3x faster than the whole batch at once (docs/performance.md).
+_WGRAD_CHUNK_BYTES = 512 << 10
+#: Below this many bytes of input activations the kernel gradient is one op.
+_WGRAD_WHOLE_BATCH_BYTES = 2 << 20
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------
+def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
+    if isinstance(v, int | np.integer):
+        return int(v), int(v)
+    v = tuple(int(a) for a in v)
+    if len(v) != 2:
+        raise ValueError(f"{name}: expected an int or 2 ints, got {v}")
+    return v
+
+
+def resolve_padding(padding: Any, in_hw: tuple[int, int], kernel_hw: tuple[int, int],
+                    strides: tuple[int, int], dilation: tuple[int, int]
+                    ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """flax/lax padding ("SAME", "VALID", int, (lo, hi) pairs) -> ((lo, hi), (lo, hi))."""
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "VALID"):
+            raise ValueError(f"padding {padding!r}: fast_conv supports 'SAME', 'VALID', an int "
+                             f"or (lo, hi) pairs (use conv_impl='xla' for {padding!r})")
+        effective = tuple((k - 1) * d + 1 for k, d in zip(kernel_hw, dilation))
+        pads = lax.padtype_to_pads(in_hw, effective, strides, padding.upper())
+        return tuple((int(lo), int(hi)) for lo, hi in pads)
+    if isinstance(padding, int | np.integer):
+        return (int(padding),) * 2, (int(padding),) * 2
+    pads = tuple(padding)
+    if len(pads) != 2:
+        raise ValueError(f"padding {padding!r}: expected 2 (lo, hi) pairs for a 2-D conv")
+    out = []
+    for p in pads:
+        pair = (int(p), int(p)) if isinstance(p, int | np.integer) else tuple(int(a) for a in p)
+        out.append(pair)
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------------------------
+# the three directions
+# --------------------------------------------------------------------------------------------
+def _xla_conv(x, w, strides, padding, dilation, groups, precision):
+    return lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation,
+                                    dimension_numbers=_DN, feature_group_count=groups,
+                                    precision=precision)
+
+
+# Winograd F(2x2, 3x3) transforms (Lavin & Gray, "Fast Algorithms for Convolutional Neural
+# Networks", CVPR 2016): Y = A^T [(G g G^T) * (B^T d B)] A on 4x4 input tiles, 2x2 outputs.
+_WINO_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
+_WINO_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
+_WINO_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
+
+
+def _use_winograd(x_shape, w_shape, strides, dilation, groups, padding) -> bool:
+    """Where F(2x2, 3x3) measured faster than XLA:CPU's convolution on the benchmark machine
+    (Zen 5, 2 cores; docs/performance.md): 1.5-1.9x on 56x56x64 and 7x7x512, 1.5x on
+    14x14x256 at batch 32, 1.2-1.3x at batch 1; about equal (0.96-1.09x) elsewhere. On one
+    core the gain is larger at 14x14 and 28x28 (1.1-1.85x) and nil on 56x56 and larger maps
+    at batch 32. Not used below 16 tiles or above 32k tiles (112x112 maps beyond batch 10),
+    where the transformed tiles (4x the input) would only add memory traffic."""
+    if not (w_shape[:2] == (3, 3) and strides == (1, 1) and dilation == (1, 1) and groups == 1
+            and min(w_shape[2], w_shape[3]) >= 64
+            and all(p >= 0 for pair in padding for p in pair)):
+        return False
+    ho = x_shape[1] + padding[0][0] + padding[0][1] - 2
+    wo = x_shape[2] + padding[1][0] + padding[1][1] - 2
+    tiles = x_shape[0] * (-(-ho // 2)) * (-(-wo // 2))
+    return 16 <= tiles <= 32768
+
+
+def _combine(mat_r, mat_q, terms):
+    """out[r][q] = sum_ij mat_r[r, i] * mat_q[q, j] * terms[i][j] for nested lists of arrays,
+    skipping zero coefficients (the Winograd transforms as fused elementwise sums)."""
+    rows = []
+    for r in range(mat_r.shape[0]):
+        cols = []
+        for q in range(mat_q.shape[0]):
+            acc = None
+            for i in range(mat_r.shape[1]):
+                for j in range(mat_q.shape[1]):
+                    coef = float(mat_r[r, i] * mat_q[q, j])
+                    if coef:
+                        t = terms[i][j] if coef == 1.0 else coef * terms[i][j]
+                        acc = t if acc is None else acc + t
+            cols.append(acc)
+        rows.append(cols)
+    return rows
+
+
+def _winograd_tiles(x, padding):
+    """Input tiles transformed, B^T d B: 4x4 nested list of (b, th, tw, c); and (ho, wo)."""
+    b, h, wd, c = x.shape
+    (pt, pb), (pl, pr) = padding
+    ho, wo = h + pt + pb - 2, wd + pl + pr - 2
+    th, tw = -(-ho // 2), -(-wo // 2)
+    xp = jnp.pad(x, ((0, 0), (pt, pb + 2 * th - ho), (pl, pr + 2 * tw - wo), (0, 0)))
+    d = [[xp[:, i : i + 2 * th : 2, j : j + 2 * tw : 2] for j in range(4)] for i in range(4)]
+    return _combine(_WINO_BT, _WINO_BT, d), (ho, wo)
+
+
+def _winograd(x, w, padding, precision):
+    """Stride-1 3x3 convolution by Winograd F(2x2, 3x3): 16 matmuls (tile positions x C ->
+    O) on transformed 4x4 tiles, 2.25x fewer multiplications than the direct form."""
+    b, o = x.shape[0], w.shape[3]
+    v, (ho, wo) = _winograd_tiles(x, padding)  # B^T d B, each (b, th, tw, c)
+    th, tw = v[0][0].shape[1], v[0][0].shape[2]
+    u = _combine(_WINO_G, _WINO_G, [[w[i, j] for j in range(3)] for i in range(3)])  # G g G^T
+    m = [[lax.dot_general(v[a][q], u[a][q], (((3,), (0,)), ((), ())), precision=precision)
+          for q in range(4)] for a in range(4)]
+    y = _combine(_WINO_AT, _WINO_AT, m)  # A^T M A: 2x2 outputs per tile, each (b, th, tw, o)
+    y = jnp.stack([jnp.stack(row, axis=3) for row in y], axis=2)  # (b, th, 2, tw, 2, o)
+    return y.reshape(b, 2 * th, 2 * tw, o)[:, :ho, :wo].astype(x.dtype)
+
+
+def _is_pointwise(w, padding, groups) -> bool:
+    return w.shape[0] == w.shape[1] == 1 and groups == 1 and padding == ((0, 0), (0, 0))
+
+
+def _forward(x, w, strides, padding, dilation, groups, precision):
+    if _is_pointwise(w, padding, groups):
+        xs = x[:, :: strides[0], :: strides[1], :]
+        return lax.dot_general(xs, w[0, 0], (((3,), (0,)), ((), ())), precision=precision)
+    if _use_winograd(x.shape, w.shape, strides, dilation, groups, padding):
+        return _winograd(x, w, padding, precision)
+    return _xla_conv(x, w, strides, padding, dilation, groups, precision)
+
+
+def _transposed_kernel(w, groups):
+    """(kh, kw, Cg, G*Og) -> (kh, kw, Og, G*Cg): the kernel of the input-gradient conv."""
+    kh, kw, cg, o = w.shape
+    og = o // groups
+    w = w.reshape(kh, kw, cg, groups, og).transpose(0, 1, 4, 3, 2)
+    return w.reshape(kh, kw, og, groups * cg)
+
+
+def _phases(k: int, s: int, d: int, pad_lo: int, n_in: int):
+    """1-D phase plan: for input position j = i + pad_lo = q + s*t, the taps (kk, a) with
+    kk*d = q + s*a; t runs over the common range [t0, t1] of all phases."""
+    taps = [[(kk, (kk * d - q) // s) for kk in range(k) if (kk * d - q) % s == 0]
+            for q in range(s)]
+    return taps, pad_lo // s, (pad_lo + n_in - 1) // s
+
+
+def _dgrad_strided(dy, w, x_shape, strides, padding, dilation, groups, precision):
+    """Input gradient of a strided conv by phase decomposition (module docstring)."""
+    b, h, wd, c = x_shape
+    _, ho, wo, _ = dy.shape
+    wt = _transposed_kernel(w, groups)
+    (th, th0, th1), (tw, tw0, tw1) = (
+        _phases(w.shape[0], strides[0], dilation[0], padding[0][0], h),
+        _phases(w.shape[1], strides[1], dilation[1], padding[1][0], wd),
+    )
+    n_h, n_w = th1 - th0 + 1, tw1 - tw0 + 1
+    rows = []
+    for taps_h in th:
+        cols = []
+        for taps_w in tw:
+            if not taps_h or not taps_w:
+                cols.append(jnp.zeros((b, n_h, n_w, c), dy.dtype))
+                continue
+            ah, aw = max(a for _, a in taps_h), max(a for _, a in taps_w)
+            # Dense sub-kernel: tap (kk, ll) sits at (ah - a, aw - a'); absent taps are zero.
+            sub = jnp.zeros((ah + 1, aw + 1) + wt.shape[2:], wt.dtype)
+            for kk, a in taps_h:
+                for ll, a2 in taps_w:
+                    sub = sub.at[ah - a, aw - a2].set(wt[kk, ll])
+            pads = ((ah - th0, th1 - (ho - 1)), (aw - tw0, tw1 - (wo - 1)))
+            cols.append(_xla_conv(dy, sub, (1, 1), pads, (1, 1), groups, precision))
+        rows.append(jnp.stack(cols, axis=3))  # (B, n_h, n_w, s_w, C)
+    full = jnp.stack(rows, axis=2).reshape(b, n_h * strides[0], n_w * strides[1], c)
+    oh, ow = padding[0][0] - strides[0] * th0, padding[1][0] - strides[1] * tw0
+    return full[:, oh : oh + h, ow : ow + wd, :]
+
+
+def _dgrad(dy, w, x_shape, strides, padding, dilation, groups, precision):
+    if _is_pointwise(w, padding, groups):
+        g = lax.dot_general(dy, w[0, 0], (((3,), (1,)), ((), ())), precision=precision)
+        if strides == (1, 1):
+            return g
+        b, h, wd, _ = x_shape
+        # Scatter to the strided positions: interior padding, then trim/extend to (h, wd).
+        cfg = [(0, 0, 0), (0, h - ((g.shape[1] - 1) * strides[0] + 1), strides[0] - 1),
+               (0, wd - ((g.shape[2] - 1) * strides[1] + 1), strides[1] - 1), (0, 0, 0)]
+        return lax.pad(g, jnp.zeros((), g.dtype), cfg)
+    if strides == (1, 1):
+        back_pad = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(w.shape[:2], padding))
+        if dilation == (1, 1) and groups == 1 and _use_winograd(dy.shape, w.shape, strides,
+                                                               dilation, groups, back_pad):
+            # The stride-1 input gradient is the convolution of dy with the flipped, in/out
+            # transposed kernel: the same Winograd path as the forward.
+            wt = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+            return _winograd(dy, wt, back_pad, precision)
+        # Otherwise XLA's own transposed convolution: no inserted zeros at stride 1, fast.
+        _, vjp = jax.vjp(lambda x: _xla_conv(x, w, strides, padding, dilation, groups,
+                                             precision), jnp.zeros(x_shape, dy.dtype))
+        return vjp(dy)[0]
+    return _dgrad_strided(dy, w, x_shape, strides, padding, dilation, groups, precision)
+
+
+def _multi_device() -> bool:
+    return jax.device_count() > 1
+
+
+def _wgrad_chunk(x_shape, itemsize: int) -> int:
+    """Images per wgrad chunk: as many as fit in `_WGRAD_CHUNK_BYTES`, a divisor of the batch;
+    the whole batch when it is small enough to stay in cache anyway (fewer ops to compile)."""
+    b = x_shape[0]
+    per_image = int(np.prod(x_shape[1:])) * itemsize
+    if b * per_image <= _WGRAD_WHOLE_BATCH_BYTES or _multi_device():
+        # With several devices the batch is sharded over them (each already holds a fraction
+        # of it), and a chunk of consecutive images would live on one device only.
+        return b
+    n = max(1, min(b, _WGRAD_CHUNK_BYTES // max(per_image, 1)))
+    while b % n:
+        n -= 1
+    return n
+
+
+def _wgrad(x, dy, w_shape, w_dtype, strides, padding, dilation, groups, precision):
+    if _is_pointwise_shape(w_shape, padding, groups):
+        xs = x[:, :: strides[0], :: strides[1], :]
+        g = lax.dot_general(xs, dy, (((0, 1, 2), (0, 1, 2)), ((), ())), precision=precision)
+        return g.reshape(w_shape).astype(w_dtype)
+
+    def one(xc, dyc):
+        _, vjp = jax.vjp(lambda w: _xla_conv(xc, w, strides, padding, dilation, groups,
+                                             precision), jnp.zeros(w_shape, w_dtype))
+        return vjp(dyc)[0]
+
+    n = _wgrad_chunk(x.shape, x.dtype.itemsize)
+    if n == x.shape[0]:
+        return one(x, dy)
+    # Static python loop, not lax.scan/map: XLA:CPU runs a convolution inside a loop body
+    # through its generic emitter, ~100x slower than the library call used outside loops.
+    total = None
+    for start in range(0, x.shape[0], n):
+        part = one(x[start : start + n], dy[start : start + n])
+        total = part if total is None else total + part
+    return total
+
+
+def _is_pointwise_shape(w_shape, padding, groups) -> bool:
+    return w_shape[0] == w_shape[1] == 1 and groups == 1 and padding == ((0, 0), (0, 0))
+
+
+def _is_depthwise(x_channels: int, w_shape, groups: int) -> bool:
+    return groups > 1 and groups == x_channels and w_shape[2] == 1
+
+
+def _depthwise(x, w, strides, padding, dilation, precision):
+    """Depthwise conv (groups = in channels, kernel (kh, kw, 1, C*m)) as a sum of shifted,
+    scaled views of the input: one fused elementwise loop instead of XLA:CPU's grouped
+    convolution, which runs ~1 GFLOP/s here (20-40x slower forward, 6-20x slower with its
+    gradients); autodiff of the sum gives the gradients as fused loops and reductions."""
+    del precision  # elementwise multiply-adds: exact float32 products either way
+    kh, kw, _, o = w.shape
+    b, h, wd, c = x.shape
+    if o != c:  # channel multiplier m: output channel c*m + j reads input channel c
+        x = jnp.repeat(x, o // c, axis=-1)
+    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    (sh, sw), (dh, dw) = strides, dilation
+    ho = (xp.shape[1] - (kh - 1) * dh - 1) // sh + 1
+    wo = (xp.shape[2] - (kw - 1) * dw - 1) // sw + 1
+    y = None
+    for i in range(kh):
+        for j in range(kw):
+            start = (0, i * dh, j * dw, 0)
+            stop = (b, i * dh + sh * (ho - 1) + 1, j * dw + sw * (wo - 1) + 1, o)
+            term = lax.slice(xp, start, stop, (1, sh, sw, 1)) * w[i, j, 0]
+            y = term if y is None else y + term
+    return y
+
+
+def _space_to_batch_ok(x_shape, w_shape, strides, padding, dilation, groups) -> bool:
+    """Dilated, stride-1, 'SAME'-padded odd kernels on maps divisible by the dilation."""
+    d = dilation[0]
+    return (d > 1 and dilation == (d, d) and strides == (1, 1) and groups == 1
+            and w_shape[0] == w_shape[1] and w_shape[0] % 2 == 1
+            and padding == ((d * (w_shape[0] - 1) // 2,) * 2,) * 2
+            and x_shape[1] % d == 0 and x_shape[2] % d == 0)
+
+
+def _dilated_by_space_to_batch(x, w, d, precision):
+    """A dilation-d conv is a plain conv over each of the d*d interleaved sub-images
+    (rows and columns i = r (mod d)): reshape them into the batch, convolve (fast path,
+    Winograd where it pays), reshape back. XLA:CPU's dilated convolution ran 160 GFLOP/s on
+    the relighting net's 112x112x208 layers against 170-180 this way, and its gradients 2.5x
+    slower than fast_conv's; as plain 3x3 convs they also qualify for Winograd."""
+    b, h, wd, c = x.shape
+    o = w.shape[-1]
+    xs = x.reshape(b, h // d, d, wd // d, d, c).transpose(0, 2, 4, 1, 3, 5)
+    xs = xs.reshape(b * d * d, h // d, wd // d, c)
+    p = (w.shape[0] - 1) // 2
+    y = _conv_fast(xs, w, (1, 1), ((p, p), (p, p)), (1, 1), 1, precision)
+    y = y.reshape(b, d, d, h // d, wd // d, o).transpose(0, 3, 1, 4, 2, 5)
+    return y.reshape(b, h, wd, o)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _conv_fast(x, w, strides, padding, dilation, groups, precision):
+    return _forward(x, w, strides, padding, dilation, groups, precision)
+
+
+def _conv_fast_fwd(x, w, strides, padding, dilation, groups, precision):
+    return _forward(x, w, strides, padding, dilation, groups, precision), (x, w)
+
+
+def _conv_fast_bwd(strides, padding, dilation, groups, precision, res, dy):
+    x, w = res
+    dx = _dgrad(dy, w, x.shape, strides, padding, dilation, groups, precision)
+    dw = _wgrad(x, dy, w.shape, w.dtype, strides, padding, dilation, groups, precision)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_conv_fast.defvjp(_conv_fast_fwd, _conv_fast_bwd)
+
+
+def conv(x: jax.Array, kernel: jax.Array, *, strides: int | Sequence[int] = 1,
+         padding: Any = "SAME", dilation: int | Sequence[int] = 1, groups: int = 1,
+         impl: str = "fast", precision: Any = None) -> jax.Array:
+    """2-D convolution of NHWC `x` with an HWIO `kernel` ((kh, kw, in/groups, out)).
+
+    Args:
+      strides, dilation: int or (h, w); dilation is the kernel (atrous) dilation.
+      padding: "SAME", "VALID", an int, or ((lo, hi), (lo, hi)), as `nn.Conv`.
+      groups: feature groups (`nn.Conv.feature_group_count`); in channels = groups * kernel in.
+      impl: "fast" (this module's paths), "xla" (plain `lax.conv_general_dilated`) or "auto"
+        (`resolve_impl`).
+    """
+    if x.ndim != 4:
+        raise ValueError(f"fast_conv.conv: expected NHWC input (B, H, W, C), got shape {x.shape}")
+    if kernel.ndim != 4:
+        raise ValueError(f"fast_conv.conv: expected an HWIO kernel, got shape {kernel.shape}")
+    impl = resolve_impl(impl)
+    if x.shape[-1] != kernel.shape[2] * groups:
+        raise ValueError(f"fast_conv.conv: input has {x.shape[-1]} channels but the kernel "
+                         f"{kernel.shape} with groups={groups} expects {kernel.shape[2] * groups}")
+    if kernel.shape[3] % groups:
+        raise ValueError(f"fast_conv.conv: {kernel.shape[3]} output channels are not divisible "
+                         f"by groups={groups}")
+    strides, dilation = _pair(strides, "strides"), _pair(dilation, "dilation")
+    pads = resolve_padding(padding, x.shape[1:3], kernel.shape[:2], strides, dilation)
+    if impl == "xla":
+        return _xla_conv(x, kernel, strides, pads, dilation, groups, precision)
+    if _is_depthwise(x.shape[-1], kernel.shape, groups):
+        return _depthwise(x, kernel, strides, pads, dilation, precision)
+    if _space_to_batch_ok(x.shape, kernel.shape, strides, pads, dilation, groups):
+        return _dilated_by_space_to_batch(x, kernel, dilation[0], precision)
+    return _conv_fast(x, kernel, strides, pads, dilation, int(groups), precision)
+
+
+# --------------------------------------------------------------------------------------------
+# flax module
+# --------------------------------------------------------------------------------------------
+class Conv(nn.Module):
+    """`nn.Conv` for 2-D NHWC inputs with `fast_conv.conv` inside; identical parameters.
+
+    Attributes are `nn.Conv`'s (the subset meaningful for 2-D convolutions) plus `impl`.
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: int | Sequence[int] = 1
+    padding: Any = "SAME"
+    kernel_dilation: int | Sequence[int] = 1
+    feature_group_count: int = 1
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros_init()
+    impl: str = "fast"
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        if inputs.ndim != 4:
+            raise ValueError(f"fast_conv.Conv {self.name}: expected NHWC input (B, H, W, C), "
+                             f"got shape {inputs.shape}")
+        kh, kw = _pair(self.kernel_size, "kernel_size")
+        in_features = inputs.shape[-1]
+        if in_features % self.feature_group_count:
+            raise ValueError(f"fast_conv.Conv {self.name}: {in_features} input channels are not "
+                             f"divisible by feature_group_count={self.feature_group_count}")
+        kernel_shape = (kh, kw, in_features // self.feature_group_count, self.features)
+        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        y = conv(inputs, kernel, strides=self.strides, padding=self.padding,
+                 dilation=self.kernel_dilation, groups=self.feature_group_count,
+                 impl=self.impl, precision=self.precision)
+        if bias is not None:
+            y = y + bias.reshape((1, 1, 1, -1))
+        return y
+
+
+def resolve_impl(impl: str) -> str:
+    """"auto" -> "fast" on the CPU backend, "xla" on others; "xla"/"fast" unchanged."""
+    if impl == "auto":
+        return "fast" if jax.default_backend() == "cpu" else "xla"
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl {impl!r}; valid: {', '.join(CONV_IMPLS)}")
+    return impl
+
+
+class ConvTranspose(nn.Module):
+    """`nn.ConvTranspose` for 2-D NHWC inputs; identical parameters and outputs.
+
+    When the kernel tiles the output exactly (kernel_size == strides, "VALID" padding, no
+    dilation — the U-Net's 2x2 stride-2 up-convolution) each input pixel writes its own
+    kh x kw output block, so the layer is one matmul (C_in -> kh*kw*C_out) and a reshape. XLA
+    instead runs a convolution over the input with (stride - 1) zeros inserted between pixels,
+    multiplying those zeros: s*s times the work forward and in the input gradient. Other
+    configurations use `lax.conv_transpose` as `nn.ConvTranspose` does.
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: int | Sequence[int] = 1
+    padding: Any = "SAME"
+    kernel_dilation: int | Sequence[int] = 1
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros_init()
+    impl: str = "fast"
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        if inputs.ndim != 4:
+            raise ValueError(f"fast_conv.ConvTranspose {self.name}: expected NHWC input "
+                             f"(B, H, W, C), got shape {inputs.shape}")
+        kh, kw = _pair(self.kernel_size, "kernel_size")
+        strides = _pair(self.strides, "strides")
+        dilation = _pair(self.kernel_dilation, "kernel_dilation")
+        kernel = self.param("kernel", self.kernel_init, (kh, kw, inputs.shape[-1], self.features),
+                            self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        tiles = (isinstance(self.padding, str) and self.padding.upper() == "VALID"
+                 and strides == (kh, kw) and dilation == (1, 1))
+        if resolve_impl(self.impl) == "fast" and tiles:
+            b, h, w, c = inputs.shape
+            # lax.conv_transpose (transpose_kernel=False) puts x[i, j] @ K[kh-1-a, kw-1-b'] at
+            # output (kh*i + a, kw*j + b'): a flipped kernel, then a pixel shuffle.
+            k = jnp.flip(kernel, (0, 1)).transpose(2, 0, 1, 3).reshape(c, kh * kw * self.features)
+            y = lax.dot_general(inputs, k, (((3,), (0,)), ((), ())), precision=self.precision)
+            y = y.reshape(b, h, w, kh, kw, self.features).transpose(0, 1, 3, 2, 4, 5)
+            y = y.reshape(b, h * kh, w * kw, self.features)
+        else:
+            pad = self.padding.upper() if isinstance(self.padding, str) else self.padding
+            y = lax.conv_transpose(inputs, kernel, strides, pad, rhs_dilation=dilation,
+                                   precision=self.precision)
+        if bias is not None:
+            y = y + bias.reshape((1, 1, 1, -1))
+        return y
+
+
+def conv_transpose_module(impl: str):
+    """The transposed-conv class for a model's `conv_impl` (as `conv_module`)."""
+    impl = resolve_impl(impl)
+    return nn.ConvTranspose if impl == "xla" else functools.partial(ConvTranspose, impl="fast")
+
+
+def conv_module(impl: str):
+    """The conv class for a model's `conv_impl`: `nn.Conv` for "xla", `Conv(impl="fast")`
+    for "fast", and either for "auto" (`resolve_impl`)."""
+    impl = resolve_impl(impl)
+    if impl == "xla":
+        return nn.Conv
+    if impl == "fast":
+        return functools.partial(Conv, impl="fast")
+    raise ValueError(f"conv_impl {impl!r}; valid: {', '.join(CONV_IMPLS)}")
