@@ -104,7 +104,7 @@ def _jax_module(name: str, conv_impl: str | None):
     kw = {} if conv_impl is None else {"conv_impl": conv_impl}
     if name == "mobilenetv2_se":
         return models.create("mobilenetv2", attention="se", **kw)
-    if name in ("iresnet50", "iresnet100"):
+    if name in ("iresnet50", "iresnet100", "unet", "relight"):
         return models.create(name, **kw)
     return models.create(name)
 
@@ -181,8 +181,9 @@ def lowlight_side(name: str, *, train_batch: int, conv_impl: str | None, timer) 
 
 def _pipeline_embedder(conv_impl: str | None) -> FaceEmbedder:
     kw = {} if conv_impl is None else {"conv_impl": conv_impl}
-    return FaceEmbedder(models.create("iresnet50", mask_stage=1, **kw), models.create("relight"),
-                        models.create("unet"), mask_source="segmenter")
+    return FaceEmbedder(models.create("iresnet50", mask_stage=1, **kw),
+                        models.create("relight", **kw), models.create("unet", **kw),
+                        mask_source="segmenter")
 
 
 def _lowlight_pipeline(conv_impl, timer) -> Side:

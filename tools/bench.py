@@ -21,8 +21,9 @@ not absolute figures from different moments.
                           [--quick] [--out=bench.json] [--conv_impl=fast|xla|xla,fast]
                           [--threads=N] [--clock=wall|cpu] [--profile] [--no_data]
 
---conv_impl picks lowlight's convolution for the models that have the option (iResNets,
-MobileNetV2, the pipeline's backbone); a comma list times each (one row per implementation).
+--conv_impl picks lowlight's convolution for the models that have the option (all but the
+ViT: iResNets, MobileNetV2, U-Net, relighting net, the pipeline's three nets); a comma list
+times each (one row per implementation).
 --threads=1 --clock=cpu times one pinned core by process CPU time: steadier on a loaded machine
 (it measures what a dedicated core would do), but not the multi-core figure the goals name.
 """
@@ -46,8 +47,8 @@ import _bench_env as E  # noqa: E402
 
 ALL_MODELS = ("iresnet50", "iresnet100", "vit_s", "mobilenetv2_se", "unet", "relight",
               "pipeline")
-#: Models with a `conv_impl` attribute (lowlight.models.fast_conv); the pipeline's backbone.
-CONV_IMPL_MODELS = ("iresnet50", "iresnet100", "mobilenetv2_se", "pipeline")
+#: Models with a `conv_impl` attribute (lowlight.models.fast_conv); the pipeline's three nets.
+CONV_IMPL_MODELS = ("iresnet50", "iresnet100", "mobilenetv2_se", "unet", "relight", "pipeline")
 
 
 def _args(argv=None):
