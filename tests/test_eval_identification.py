@@ -217,3 +217,15 @@ def test_evaluate_with_split_end_to_end():
     assert out["num_nonmated"] == int((~sp.probe_mated).sum())
     assert out["rank-1"] > 0.8 and out["dir@fpir=1e-1"] <= out["rank-1"]
     assert out["dir@fpir=1e-1/reachable"] is True
+
+
+@pytest.mark.parametrize("block", [1, 4, 16])
+def test_blocked_topk_equals_lax_top_k_with_ties(block):
+    """Values and indices, ties by lower index, on integer scores with many ties."""
+    rng = np.random.default_rng(11)
+    scores = jax.numpy.asarray(rng.integers(0, 6, (7, 64)).astype(np.float32))
+    for k in (1, 3, 4):
+        v, i = idn.blocked_topk(scores, k, block)
+        rv, ri = jax.lax.top_k(scores, k)
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(rv))
+        np.testing.assert_array_equal(np.asarray(i), np.asarray(ri))

@@ -6,14 +6,9 @@ and torch cannot do any more, so they run here as subprocesses and their printed
 parsed. The grain pipeline (threads, as training runs it), verification and 1:N search run
 in-process.
 
-1:N search: `lowlight.eval.identification.topk_similarity` is timed as it is. Its per-chunk
-`lax.top_k` over (probe_batch, gallery_chunk) similarity blocks sorts every row; `blocked_topk`
-here is an exact alternative that costs one pass over the block: take the maximum of each run
-of `block` consecutive scores, keep the k best runs, and select the top k among their
-k * block members. Every top-k entry lies in one of those runs (a run holding the j-th best
-entry has a maximum at least as large, and fewer than j runs can have a larger maximum), and
-`lax.top_k` breaks ties by lower index on both levels, so the result — indices included —
-equals `lax.top_k` on the full row. `search_topk` is the whole search built on it.
+1:N search: `lowlight.eval.identification.topk_similarity` as a user calls it (probe batches
+of 256, gallery chunks of 16,384, `blocked_topk` per chunk), and `search_topk` below, the same
+search with all probes and 64k-entry chunks in one program, checked equal to it.
 """
 
 from __future__ import annotations
@@ -30,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from lowlight.eval import identification
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 
@@ -137,18 +134,6 @@ def verification_pairs(quick: bool) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # 1:N search
 # --------------------------------------------------------------------------------------------
-def blocked_topk(scores: jax.Array, k: int, block: int = 128) -> tuple[jax.Array, jax.Array]:
-    """Exactly `lax.top_k(scores, k)` (values and indices, ties by lower index) for (P, C)
-    scores with C divisible by `block` and C // block >= k (module docstring)."""
-    p, c = scores.shape
-    runs = scores.reshape(p, c // block, block)
-    _, best_runs = lax.top_k(runs.max(axis=-1), k)
-    cand = jnp.take_along_axis(runs, best_runs[:, :, None], axis=1).reshape(p, k * block)
-    values, pos = lax.top_k(cand, k)
-    index = (best_runs[:, :, None] * block + jnp.arange(block)).reshape(p, k * block)
-    return values, jnp.take_along_axis(index, pos, axis=1)
-
-
 def search_topk(probes: jax.Array, gallery: jax.Array, k: int, *, chunk: int = 65536,
                 block: int = 128):
     """Top-k cosine similarities of unit `probes` (P, D) against a unit `gallery` (G, D):
@@ -161,7 +146,7 @@ def search_topk(probes: jax.Array, gallery: jax.Array, k: int, *, chunk: int = 6
         sim = jnp.dot(probes, block_g.T, precision=lax.Precision.HIGHEST)
         n = sim.shape[1]
         if n % block == 0 and n // block >= k:
-            v, i = blocked_topk(sim, k, block)
+            v, i = identification.blocked_topk(sim, k, block)
         else:
             v, i = lax.top_k(sim, min(k, n))
         vals.append(v)
