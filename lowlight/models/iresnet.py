@@ -143,7 +143,8 @@ class IResNet(nn.Module):
       remat: recompute block activations in the backward pass (insightface `using_ckpt`).
       conv_impl: "auto" (default: "fast" on the CPU backend, "xla" elsewhere), "xla"
         (`nn.Conv`) or "fast" (`fast_conv.Conv`: the same parameters, outputs and gradients to
-        float32 rounding, 1.2-7x faster on XLA:CPU; docs/performance.md).
+        float32 rounding; docs/performance.md: 1.19x faster train step and 1.34x inference
+        throughput for iResNet-50 on a 2-core CPU).
     """
 
     layers: Sequence[int]

@@ -241,7 +241,7 @@ class MobileNetV2(nn.Module):
         float32 with float32 parameters.
       conv_impl: "auto" (default: "fast" on the CPU backend, "xla" elsewhere), "xla"
         (`nn.Conv`) or "fast" (`fast_conv.Conv`: the same parameters, outputs and gradients to
-        float32 rounding, 1.2-7x faster on XLA:CPU; docs/performance.md).
+        float32 rounding; depthwise convolutions as shifted sums, docs/performance.md).
     """
 
     alpha: float = 1.0
