@@ -287,3 +287,22 @@ def test_whole_models_match_xla_outputs_and_gradients(name, kw):
     got, want = (jax.flatten_util.ravel_pytree(jax.grad(lambda p, m=m: loss(m, p))(v["params"]))[0]
                  for m in (fast, ref))
     assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 10 * RTOL
+
+
+def test_symbolic_batch_exports_through_xla_convolution():
+    """jax.export with a symbolic batch: the size-based path choices cannot be made, so the
+    program uses XLA's convolution; it runs at any batch and equals the static-shape result."""
+    from jax import export
+
+    rng = np.random.default_rng(8)
+    w = jnp.asarray(rng.normal(size=(3, 3, 64, 64)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(3, 8, 8, 64)), jnp.float32)
+    up = FC.ConvTranspose(4, (2, 2), strides=2, padding="VALID")
+    v = up.init(jax.random.key(0), x)
+
+    def f(x):
+        return up.apply(v, FC.conv(x, w, impl="fast"))
+
+    (b,) = export.symbolic_shape("b")
+    exp = export.export(jax.jit(f))(jax.ShapeDtypeStruct((b, 8, 8, 64), jnp.float32))
+    assert _rel(exp.call(x), f(x)) < RTOL

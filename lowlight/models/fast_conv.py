@@ -413,7 +413,7 @@ def conv(x: jax.Array, kernel: jax.Array, *, strides: int | Sequence[int] = 1,
                          f"by groups={groups}")
     strides, dilation = _pair(strides, "strides"), _pair(dilation, "dilation")
     pads = resolve_padding(padding, x.shape[1:3], kernel.shape[:2], strides, dilation)
-    if impl == "xla":
+    if impl == "xla" or not _static(x.shape):
         return _xla_conv(x, kernel, strides, pads, dilation, groups, precision)
     if _is_depthwise(x.shape[-1], kernel.shape, groups):
         return _depthwise(x, kernel, strides, pads, dilation, precision)
@@ -468,6 +468,13 @@ class Conv(nn.Module):
         return y
 
 
+def _static(shape) -> bool:
+    """False for symbolic shapes (`jax.export` with a symbolic batch): the paths above choose
+    by comparing sizes, which a symbolic dimension cannot answer, so such programs use XLA's
+    convolution (the same numbers to float32 rounding)."""
+    return all(isinstance(d, int | np.integer) for d in shape)
+
+
 def resolve_impl(impl: str) -> str:
     """"auto" -> "fast" on the CPU backend, "xla" on others; "xla"/"fast" unchanged."""
     if impl == "auto":
@@ -516,7 +523,7 @@ class ConvTranspose(nn.Module):
         inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
         tiles = (isinstance(self.padding, str) and self.padding.upper() == "VALID"
                  and strides == (kh, kw) and dilation == (1, 1))
-        if resolve_impl(self.impl) == "fast" and tiles:
+        if resolve_impl(self.impl) == "fast" and tiles and _static(inputs.shape):
             b, h, w, c = inputs.shape
             # lax.conv_transpose (transpose_kernel=False) puts x[i, j] @ K[kh-1-a, kw-1-b'] at
             # output (kh*i + a, kw*j + b'): a flipped kernel, then a pixel shuffle.
