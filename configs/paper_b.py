@@ -22,6 +22,12 @@ from scratch jointly, which the paper does not do.) The pretrained modules stay 
 `freeze_steps` steps, then are fine-tuned with the backbone (§3.9). Every experiment evaluates on
 held-out synthetic people under mixed light and under paper B's illumination protocol.
 
+Real data (every experiment): `data=recordio,root=/data/ms1m,val_targets=lfw+cfp_fp+agedb_30`
+trains on an insightface pack and evaluates on its .bin sets, each as stored and through the
+illumination protocol (`lfw_illum/...`); see `lowlight.recipes.real_data`. The relighting net and
+segmenters are still pretrained on the synthetic world (they need relit targets and skin masks
+that real packs do not have).
+
 scale = auto | full | cpu | smoke; at cpu/smoke the module sizes match configs/relight.py and
 configs/skin_seg.py at the same scale, so their checkpoints load.
 """
@@ -37,7 +43,8 @@ BACKBONES = {"r18": "iresnet18", "r50": "iresnet50", "r100": "iresnet100", "vit_
 def get_config(arg=None):
     a = config_lib.parse_arg(arg, exp="full", backbone="r100", loss="arcface", scale="auto",
                              smoke=False, relight_from="runs/relight", unet_from="runs/skin_unet",
-                             cnn3_from="runs/skin_cnn3", freeze_steps=-1, modules="aug")
+                             cnn3_from="runs/skin_cnn3", freeze_steps=-1, modules="aug",
+                             **recipes.REAL_DATA_ARGS)
     config_lib.choice("exp", a.exp, EXPS)
     config_lib.choice("backbone", a.backbone, BACKBONES)
     config_lib.choice("loss", a.loss, recipes.LOSS_DEFAULTS)
@@ -64,6 +71,7 @@ def get_config(arg=None):
     if scale == "cpu" and model.startswith("vit"):
         c.optim.lr, c.optim.warmup_steps = 2e-3, 100
     c.exp = a.exp
+    recipes.real_data(c, a)
 
     relight_kw = dict(width=208 if not cpu else 8 if small else 32)
     seg_kw = {"unet": dict(width=1.0 if not cpu else 0.125 if small else 0.25), "seg_cnn3": {}}

@@ -11,7 +11,9 @@ Commands:
 
 Arguments: variant = T | S | B | S_std | B_std (arcface_torch vit_t/s/b, or the standard-width
 ViT-S/B); scale = auto | full | cpu | smoke (see lowlight/recipes.py; auto = full on a GPU/TPU,
-cpu otherwise); smoke = shorthand for scale=smoke; loss overrides MagFace for ablations.
+cpu otherwise); smoke = shorthand for scale=smoke; loss overrides MagFace for ablations;
+data / root / num_identities / val_targets / lfw_images train and evaluate on real data
+(`data=recordio,root=/data/ms1m,val_targets=lfw+cfp_fp+agedb_30`; lowlight.recipes.real_data).
 At scale=cpu/smoke the ViT keeps its structure (patch embedding, pre-LN blocks, ReLU6 MLP, the
 flatten→FC→BN→FC→BN head) but is narrowed and made shallower to fit a 2-core CPU.
 """
@@ -22,7 +24,8 @@ VARIANTS = {"T": "vit_t", "S": "vit_s", "B": "vit_b", "S_std": "vit_s_std", "B_s
 
 
 def get_config(arg=None):
-    a = config_lib.parse_arg(arg, variant="B", scale="auto", smoke=False, loss="magface")
+    a = config_lib.parse_arg(arg, variant="B", scale="auto", smoke=False, loss="magface",
+                             **recipes.REAL_DATA_ARGS)
     scale = "smoke" if a.smoke else a.scale
     model = VARIANTS[config_lib.choice("variant", a.variant, VARIANTS)]
     config_lib.choice("loss", a.loss, recipes.LOSS_DEFAULTS)
@@ -39,4 +42,4 @@ def get_config(arg=None):
         c.optim.lr = 2e-3
         c.optim.warmup_steps = 100
     c.variant = a.variant
-    return c
+    return recipes.real_data(c, a)

@@ -140,6 +140,112 @@ def recognition(*, model: str, loss: str, scale: str, optimizer: str = "sgd",
     return c
 
 
+#: Config arguments every recognition config file accepts (`--config=configs/X.py:data=...`):
+#: where the training images come from and which real pair sets evaluate the run.
+REAL_DATA_ARGS = dict(data="synth", root="", num_identities=0, val_targets="", lfw_images="")
+
+
+def real_data(c: ml_collections.ConfigDict, a) -> ml_collections.ConfigDict:
+    """Points a recognition config at real data, arcface_torch style (`rec` + `val_targets`).
+
+      data=recordio|image_folder|prepared, root=PATH
+          train on an insightface MXNet pack (a folder with train.rec/train.idx), identity
+          folders or tools/prepare.py output instead of the synthetic world. num_identities=0
+          (default) reads the count from the data: the pack's `property` file
+          ("classes,H,W"), else its identity header records / largest label; the folders'
+          count; for `prepared` it must be given.
+      val_targets=lfw+cfp_fp+agedb_30
+          '+'-separated pair sets; a bare name is `<root>/<name>.bin` (where insightface packs
+          keep them), anything with a '/' or an extension is a path; a `.txt` is LFW's
+          pairs.txt, read with the images in `lfw_images`. Each set T is evaluated twice:
+          `T` as stored and `T_illum` through paper B's illumination protocol (the probe of
+          each pair relit / darkened, the gallery face kept). They replace the synthetic
+          evaluation sets, and `best_metric` becomes the first set's accuracy. Without
+          val_targets a run on real data keeps the synthetic held-out sets (the only held-out
+          people there are).
+
+    Everything is checked here, at config time, so a wrong path fails in one line before any
+    compilation.
+    """
+    import os
+
+    from lowlight.config_lib import ConfigError
+
+    choice_ok = ("synth", "recordio", "image_folder", "prepared")
+    if a.data not in choice_ok:
+        raise ConfigError(f"unknown data {a.data!r}; valid: {', '.join(choice_ok)} (paper A's "
+                          "UTKFace is configs/paper_a.py's data=utkface)")
+    if a.data != "synth":
+        if not a.root or not os.path.exists(a.root):
+            raise ConfigError(f"data={a.data} needs root=<path>; got root={a.root!r}"
+                              + (" (does not exist)" if a.root else ""))
+        c.data.name, c.data.root = a.data, a.root
+        n = a.num_identities or _count_identities(a.data, a.root)
+        if not n:
+            raise ConfigError(f"data={a.data}: give num_identities=<classes> (cannot be read "
+                              f"from {a.root})")
+        c.data.num_identities = int(n)
+    elif a.num_identities:
+        c.data.num_identities = int(a.num_identities)
+    targets = [t for t in a.val_targets.split("+") if t]
+    if targets:
+        c.evals, names = {}, []
+        for t in targets:
+            path = t
+            if "/" not in t and "." not in t:
+                if not a.root or not os.path.isdir(a.root):
+                    raise ConfigError(f"val_targets: {t!r} is a name, looked up as "
+                                      f"<root>/{t}.bin, but root={a.root!r} is not a folder; "
+                                      "give the .bin path instead")
+                path = os.path.join(a.root, t + ".bin")
+            if not os.path.isfile(path):
+                raise ConfigError(f"val_targets: no pair set at {path!r} (from {t!r})")
+            if path.endswith(".txt") and not os.path.isdir(a.lfw_images):
+                raise ConfigError(f"val_targets: {path} is an LFW pairs.txt; give its image "
+                                  f"folder as lfw_images=<dir> (got {a.lfw_images!r})")
+            name = pair_set_name(path)
+            if name in c.evals:
+                raise ConfigError(f"val_targets: two sets are named {name!r}")
+            names.append(name)
+            for suffix, lighting in (("", "as_is"), ("_illum", "protocol")):
+                c.evals[name + suffix] = dict(type="pairs", path=os.path.abspath(path),
+                                              images=os.path.abspath(a.lfw_images)
+                                              if a.lfw_images else "", size=c.data.size,
+                                              lighting=lighting, seed=10_002, num_pairs=0)
+        c.best_metric = f"{names[0]}/acc"  # (a ConfigDict iterates its keys sorted)
+    return c
+
+
+def pair_set_name(path: str) -> str:
+    """Evaluator name of a pair set: the file's stem ("lfw" for lfw.bin, "cfp_fp"), "lfw" for
+    LFW's pairs*.txt."""
+    stem = path.replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    return "lfw" if stem.lower().startswith("pairs") else stem
+
+
+def _count_identities(data: str, root: str) -> int:
+    """Identities in a training set, read from the data (0 when it cannot be told)."""
+    import os
+
+    if data == "recordio":
+        folder = root if os.path.isdir(root) else os.path.dirname(root)
+        prop = os.path.join(folder, "property")
+        if os.path.isfile(prop):
+            with open(prop) as f:
+                head = f.read().strip().split(",")[0]
+            if head.isdigit():
+                return int(head)
+        from lowlight.data.recordio import RecordIO
+
+        rec = os.path.join(root, "train.rec") if os.path.isdir(root) else root
+        return RecordIO(rec).num_classes
+    if data == "image_folder":
+        from lowlight.data.image_folder import ImageFolder
+
+        return ImageFolder(root, validate=False).num_classes
+    return 0
+
+
 def resnet(arg, *, loss: str) -> ml_collections.ConfigDict:
     """Body of configs/r100_<loss>.py: iResNet + `loss` (paper B §4.1.3; `depth=50` → r50).
 
@@ -149,7 +255,7 @@ def resnet(arg, *, loss: str) -> ml_collections.ConfigDict:
     """
     from lowlight import config_lib
 
-    a = config_lib.parse_arg(arg, depth=100, scale="auto", smoke=False)
+    a = config_lib.parse_arg(arg, depth=100, scale="auto", smoke=False, **REAL_DATA_ARGS)
     config_lib.choice("depth", a.depth, (18, 34, 50, 100, 200))
     scale = resolve_scale("smoke" if a.smoke else a.scale)
     model = f"iresnet{a.depth}" if scale == "full" else "iresnet18"
@@ -160,7 +266,7 @@ def resnet(arg, *, loss: str) -> ml_collections.ConfigDict:
         c.optim.lr = 0.05
         c.optim.warmup_steps = 100
         c.optim.clip_norm = 5.0
-    return c
+    return real_data(c, a)
 
 
 def supervised(task: str, *, model: str, scale: str, model_kwargs: dict | None = None,

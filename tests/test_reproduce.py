@@ -111,6 +111,37 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
         reproduce.main(["--only=b_table7", "--dry-run"])
 
 
+def test_real_data_reaches_paper_b_recognition_runs_and_their_tables(tmp_path, capsys):
+    """--rec / --val-targets: paper B's recognition runs train on the pack and evaluate on its
+    pair sets (config arguments of lowlight.recipes.real_data), the pretrained modules and
+    paper A stay synthetic, and the recognition tables report the first set."""
+    pack = tmp_path / "ms1m"
+    pack.mkdir()
+    for f in ("train.rec", "train.idx", "lfw.bin", "cfp_fp.bin"):
+        (pack / f).write_bytes(b"")
+    jobs = {j.id: j for j in reproduce.build_plan(
+        ["b_table6", "a_lighting"], "cpu", [0], "/o", rec=str(pack), val_targets="lfw+cfp_fp")}
+    arg = jobs["b_full/s0"].command[3]
+    assert f"data=recordio,root={pack},val_targets=lfw+cfp_fp," in arg
+    for other in ("relight/s0", "skin_unet/s0", "a_light/s0"):
+        assert "recordio" not in " ".join(jobs[other].command)
+    t6, light = grid.tables(["b_table6", "a_lighting"], "lfw")
+    assert [m.key for m in t6.metrics] == ["lfw/acc", "lfw_illum/acc", "lfw_illum/auc",
+                                           "lfw_illum/eer", "lfw_illum/tpr@fpr=1e-2"]
+    assert t6.metrics[1].label == "lfw + protocol acc" and t6.note.startswith("Real data")
+    assert light == grid.TABLES["a_lighting"][0]  # not a recognition table: unchanged
+    assert [m.key for m in grid.tables(["b_modules"], "lfw")[0].metrics][0] == \
+        "synth_val/{m}/psnr"  # the relighting net's own table stays synthetic
+    out = tmp_path / "r"
+    assert reproduce.main(["--size=cpu", "--only=b_table6", f"--out={out}", f"--rec={pack}",
+                           "--val-targets=lfw", "--dry-run"]) == 0
+    assert f"root={pack}" in capsys.readouterr().out
+    for bad in ([f"--rec={tmp_path}"], ["--val-targets=lfw"],
+                [f"--rec={pack}", "--val-targets=agedb_30"]):
+        with pytest.raises(SystemExit):
+            reproduce.main(["--size=cpu", "--dry-run", *bad])
+
+
 # ------------------------------------------------------------------------------ scheduler
 def _job(key, seed=0, deps=()):
     run = grid.Run(key, "x.py", "", "lighting")

@@ -248,6 +248,46 @@ TABLES: dict[str, tuple[Table, ...]] = {
     ),
 }
 
+_SYNTH_SETS = (("synth_clean/", ""), ("synth_val/", ""), ("synth_illum/", "_illum"))
+
+
+def tables(grids, target: str = "") -> list[Table]:
+    """The tables of `grids`; with `target` (the first `--val-targets` pair set, e.g. "lfw"),
+    paper B's recognition tables report that real set instead of the synthetic ones: the clean
+    and mixed-light columns become `<target>/...` as stored (one column: a real set has one
+    lighting, its own) and the protocol columns `<target>_illum/...` (the set's probes through
+    the illumination protocol, `lowlight.recipes.real_data`). Module tables stay synthetic."""
+    out = [t for g in grids for t in TABLES[g]]
+    if not target:
+        return out
+    from lowlight.recipes import pair_set_name
+
+    name = pair_set_name(target)
+    real = []
+    for t in out:
+        if not all(RUNS[r.run].family == "recognition" for r in t.rows):
+            real.append(t)
+            continue
+        metrics, seen = [], set()
+        for m in t.metrics:
+            prefix, suffix = next((p, x) for p, x in _SYNTH_SETS if m.key.startswith(p))
+            key = f"{name}{suffix}/{m.key[len(prefix):]}"
+            if key in seen:
+                continue
+            seen.add(key)
+            base = m.label
+            for word in ("clean ", "mixed-light ", "protocol "):
+                base = base.replace(word, "")
+            metrics.append(dataclasses.replace(
+                m, key=key, label=f"{name}{' + protocol' if suffix else ''} {base}"))
+        rest = t.note.replace(_B_NOTE, "").strip()
+        real.append(dataclasses.replace(
+            t, metrics=tuple(metrics),
+            note=f"Real data: columns from `{name}` as stored and `{name}_illum` (its probes "
+                 f"through paper B's illumination protocol). {rest}".strip()))
+    return real
+
+
 GRIDS = tuple(TABLES)
 DEFAULT_GRIDS = {
     "tiny": GRIDS,

@@ -214,6 +214,8 @@ def markdown(header: Mapping[str, Any], tables: Mapping[str, Any],
     lines = [f"# Reproduced tables — size `{h['size']}`, seeds {h['seeds']}", "",
              "```", h["command"], "```", "",
              f"git commit `{h['commit']}` · {h['date']} · {h['machine']}", "",
+             *([f"Real data: {', '.join(f'{k} `{v}`' for k, v in h['data'].items() if v)}.", ""]
+               if any((h.get("data") or {}).values()) else []),
              f"Each cell: mean ± 95% CI half-width over the seeds, 1.96·s/√n (paper B eq. 18; s "
              f"the sample standard deviation, ddof = 1 — with n = {len(h['seeds'])} seeds a "
              "Student-t interval would be wider). p: " + test_name + " of the row against the "

@@ -115,11 +115,17 @@ def _run_order(tables) -> list[str]:
 
 
 def _command(run: grid.Run, seed: int, workdir: str, size: str, n: int | None,
-             dep_dirs: dict[str, str], utkface: str) -> tuple[str, ...]:
+             dep_dirs: dict[str, str], utkface: str, rec: str = "",
+             val_targets: str = "") -> tuple[str, ...]:
     args = [run.arg, f"scale={grid.SCALE[size]}"]
     args += [f"{d.arg}={dep_dirs[d.run]}" for d in run.deps]
     if run.paper_a_data and utkface:
         args += ["data=utkface", f"root={utkface}"]
+    if run.family == "recognition":  # paper B's recognition runs (lowlight.recipes.real_data)
+        if rec:
+            args += ["data=recordio", f"root={rec}"]
+        if val_targets:
+            args.append(f"val_targets={val_targets}")
     if run.config == "paper_b.py" and n:
         args.append(f"freeze_steps={max(1, n // 4)}")  # the config's quarter of the schedule
     cmd = [sys.executable, "-m", "lowlight.main",
@@ -137,11 +143,11 @@ def _command(run: grid.Run, seed: int, workdir: str, size: str, n: int | None,
 
 
 def build_plan(grids, size: str, seeds, out: str, *, steps: int | None = None,
-               utkface: str = "") -> list[Job]:
+               utkface: str = "", rec: str = "", val_targets: str = "") -> list[Job]:
     """Jobs seed by seed (every run of seed 0, then of seed 1, ...), each after its
     dependencies: the first seed's runs fill the compilation cache for the later ones (also
     when `--jobs` runs several at once), and an interrupted reproduction has whole seeds."""
-    tables = [t for g in grids for t in grid.TABLES[g]]
+    tables = grid.tables(grids)
     jobs: list[Job] = []
     for key in _run_order(tables):
         run = grid.RUNS[key]
@@ -154,7 +160,8 @@ def build_plan(grids, size: str, seeds, out: str, *, steps: int | None = None,
             dep_dirs = {r: os.path.join(out, "runs", i) for r, i in dep_ids.items()}
             workdir = os.path.join(out, "runs", key, f"s{seed}")
             jobs.append(Job(f"{key}/s{seed}", run, seed, workdir,
-                            _command(run, seed, workdir, size, n, dep_dirs, utkface),
+                            _command(run, seed, workdir, size, n, dep_dirs, utkface, rec,
+                                     val_targets),
                             tuple(dep_ids.values()), n, est))
     return sorted(jobs, key=lambda j: j.seed)  # stable: the run order within a seed stays
 
@@ -304,6 +311,12 @@ def parse_args(argv):
                                               " (default: every grid; at cpu size all but "
                                               "backbone_loss)")
     p.add_argument("--utkface", default="", help="UTKFace folder: paper A's runs on real data")
+    p.add_argument("--rec", default="", help="insightface pack folder (train.rec/.idx): paper "
+                                             "B's recognition runs train on it")
+    p.add_argument("--val-targets", default="",
+                   help="'+'-separated pair sets for paper B's runs, e.g. lfw+cfp_fp+agedb_30 "
+                        "(names: <--rec>/<name>.bin) or .bin paths; the tables then report the "
+                        "first one as stored and through the illumination protocol")
     p.add_argument("--jobs", type=int, default=1, help="runs at once")
     p.add_argument("--resume", action="store_true", help="continue a reproduction in --out")
     p.add_argument("--steps", type=int, default=None, help="training steps of every run")
@@ -321,6 +334,12 @@ def parse_args(argv):
         p.error("--steps must be >= 1")
     if a.utkface and not os.path.isdir(a.utkface):
         p.error(f"--utkface={a.utkface!r} is not a directory")
+    if a.rec and not os.path.isfile(os.path.join(a.rec, "train.rec")):
+        p.error(f"--rec={a.rec!r}: expected a folder with train.rec and train.idx")
+    for t in filter(None, a.val_targets.split("+")):
+        path = t if ("/" in t or "." in t) else os.path.join(a.rec, t + ".bin")
+        if not (("/" in t or "." in t) or a.rec) or not os.path.isfile(path):
+            p.error(f"--val-targets: no pair set {path!r} for {t!r} (bare names need --rec)")
     a.grids = grids
     return a
 
@@ -331,14 +350,19 @@ def main(argv=None) -> int:
     out = os.path.abspath(a.out)
     seeds = list(range(a.seeds))
     utkface = os.path.abspath(a.utkface) if a.utkface else ""
-    jobs = build_plan(a.grids, a.size, seeds, out, steps=a.steps, utkface=utkface)
+    rec = os.path.abspath(a.rec) if a.rec else ""
+    targets = "+".join(t if not ("/" in t or "." in t) else os.path.abspath(t)
+                       for t in a.val_targets.split("+") if t)
+    jobs = build_plan(a.grids, a.size, seeds, out, steps=a.steps, utkface=utkface, rec=rec,
+                      val_targets=targets)
     todo = {j.id for j in jobs if not finished(j)}
     print_plan(jobs, a.size, todo)
     if a.dry_run:
         return 0
 
     plan_path = os.path.join(out, "plan.json")
-    identity = {"size": a.size, "steps": a.steps, "utkface": utkface}
+    identity = {"size": a.size, "steps": a.steps, "utkface": utkface, "rec": rec,
+                "val_targets": targets}
     if os.path.exists(plan_path):
         with open(plan_path) as f:
             old = json.load(f)
@@ -347,7 +371,9 @@ def main(argv=None) -> int:
                   "--resume to continue it (finished runs are skipped) or choose another --out",
                   file=sys.stderr)
             return 2
-        diff = [k for k in identity if old.get(k) != identity[k]]
+        # (plans written before --rec / --val-targets existed had neither: read as "")
+        diff = [k for k in identity
+                if old.get(k, "" if k in ("rec", "val_targets") else None) != identity[k]]
         if diff:
             print(f"error: --resume with different {', '.join(diff)} than the reproduction in "
                   f"{out} ({', '.join(f'{k}={old.get(k)!r}' for k in diff)})", file=sys.stderr)
@@ -389,14 +415,15 @@ def main(argv=None) -> int:
     jobs_by_run: dict[str, list[Job]] = {}
     for j in jobs:
         jobs_by_run.setdefault(j.run.key, []).append(j)
-    tables = tables_lib.aggregate([t for g in a.grids for t in grid.TABLES[g]], jobs_by_run,
-                                  status, a.test)
+    tables = tables_lib.aggregate(grid.tables(a.grids, targets.split("+")[0] if targets else ""),
+                                  jobs_by_run, status, a.test)
     header = {"command": "python tools/reproduce.py " + shlex.join(argv),
               "commit": _git_commit(), "size": a.size, "seeds": seeds, "test": a.test,
               "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python "
                          f"{platform.python_version()}",
-              "budget": _budget(a.size, a.steps), "out": out}
+              "budget": _budget(a.size, a.steps), "out": out,
+              "data": {"utkface": utkface, "rec": rec, "val_targets": targets}}
     plot_files = tables_lib.write_plots(os.path.join(out, "plots"), tables)
     with open(os.path.join(out, "tables.md"), "w") as f:
         f.write(tables_lib.markdown(header, tables, plot_files))

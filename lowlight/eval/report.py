@@ -2,9 +2,10 @@
 and scalars. ``lowlight.evaluate`` assembles them into ``DIR/eval/<step>/report.md``.
 
 Recognition — given verification evaluators after ``run()``
-(``lowlight.eval.evaluators.SynthVerification``, or any object with the same attributes: per pair
-``last_scores``, ``issame``, ``pair_conditions``, ``idx1``, ``idx2``; per cached image
-``identity``, ``gender``, ``ethnicity``, ``last_embeddings``), ``recognition_report`` writes
+(``lowlight.eval.evaluators.PairVerification`` subclasses, or any object with the same
+attributes: per pair ``last_scores``, ``issame``, ``pair_conditions``, ``idx1``, ``idx2``; per
+cached image ``identity``, ``gender``, ``ethnicity`` — each may be None, which skips
+identification / fairness for that set — and ``last_embeddings``), ``recognition_report`` writes
 the plots into a directory and returns the Markdown sections that link them plus a flat dict of
 scalar metrics:
 
@@ -168,6 +169,8 @@ def fairness_tables(ev: Any, *, far: float = FAIRNESS_FAR,
     "far=<far>" and "eer" set on all pairs."""
     out = {}
     for attr in attributes:
+        if getattr(ev, attr, None) is None:  # a real pair set without demographic labels
+            continue
         lab = _named(np.asarray(getattr(ev, attr)), attr)
         groups = np.stack([lab[np.asarray(ev.idx1)], lab[np.asarray(ev.idx2)]], axis=1)
         out[attr] = fairness.fairness_report(ev.last_scores, ev.issame, groups, fars=(far,),
@@ -327,8 +330,9 @@ def recognition_report(evaluators: Mapping[str, Any], out_dir: str, *, n_boot: i
         metrics.update(_condition_metrics(name, cond_tables[name]))
         fair_tables[name] = fairness_tables(ev)
         metrics.update(_fairness_metrics(name, fair_tables[name]))
-        ident[name] = identification_summary(ev, seed=seed)
-        metrics.update(_identification_metrics(name, ident[name]))
+        if getattr(ev, "identity", None) is not None:
+            ident[name] = identification_summary(ev, seed=seed)
+            metrics.update(_identification_metrics(name, ident[name]))
 
     lines = ["## Verification per lighting condition (pair condition = probe image's)", "",
              f"AUC with a 95% stratified bootstrap CI over pairs ({n_boot} replicates, seed "
@@ -348,7 +352,8 @@ def recognition_report(evaluators: Mapping[str, Any], out_dir: str, *, n_boot: i
               "within-group pairs. Pairs whose two images differ in group are cross-group: "
               "they calibrate the thresholds but count in no group, gap or ratio."]
     for name, tables in fair_tables.items():
-        lines += _fairness_markdown(name, tables)
+        lines += _fairness_markdown(name, tables) if tables else [
+            "", f"### {name}", "", "No gender / ethnicity labels in this set: not measured."]
 
     fk = roc_stats.fpr_key(FPIR)
     lines += ["", "## Identification", "",
@@ -363,7 +368,11 @@ def recognition_report(evaluators: Mapping[str, Any], out_dir: str, *, n_boot: i
         lines.append(f"| {name} | {r['num_gallery']} | {r['num_mated']} | {r['num_nonmated']} | "
                      f"{_fmt(r.get('rank-1'))} | {_fmt(r.get('rank-5'))} | "
                      f"{_fmt(d) if reach or math.isnan(d) else _fmt(d) + ' (n/r)'} |")
-    if plots and evs:
+    for name in evs:
+        if name not in ident:
+            lines.append(f"| {name} | – | – | – | no identity labels (e.g. an insightface "
+                         ".bin): not measured | | |")
+    if plots and ident:
         plot_cmc(os.path.join(out_dir, "cmc.png"), {n: r["cmc"] for n, r in ident.items()})
         lines += ["", "![CMC](cmc.png)"]
     return "\n".join(lines) + "\n", metrics
