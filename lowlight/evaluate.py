@@ -19,6 +19,11 @@ checkpoint, appends the metrics to `DIR/metrics.jsonl` (with `"step"` and `"sour
   skin_seg      IoU / Dice tables vs YCbCr; a sample grid (input / predicted mask / target /
                 YCbCr per condition)
 
+`--val_targets=lfw+cfp_fp --root=/data/ms1m` (recognition) evaluates on real pair sets instead of
+the run's own evaluators — insightface `.bin` files or LFW's pairs.txt (`--lfw_images`), each as
+stored and through paper B's illumination protocol (`lfw/...`, `lfw_illum/...`): the way to put a
+converted insightface model or a run trained elsewhere on the sets the papers report.
+
 Scalars of the report sections (e.g. "synth_val/cmc_rank1", "val/ece") go into metrics.jsonl
 with the evaluators' metrics. `--follow` keeps evaluating each new checkpoint as a running job
 writes it, until the run's final step (or its early stop) has been evaluated, or `--timeout`
@@ -263,12 +268,33 @@ def _report(config, step, metrics, raw, sections: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate(workdir: str, step: int | None = None) -> dict:
-    """Evaluates one checkpoint of the run in `workdir`; returns the metrics (also written)."""
+def with_pair_sets(config, val_targets: str, root: str = "", lfw_images: str = ""):
+    """`config` with its evaluation sets replaced by real pair sets (`lowlight.recipes.real_data`
+    syntax: 'lfw+cfp_fp' looked up as <root>/<name>.bin, or paths; an LFW pairs.txt with
+    `lfw_images`), each as stored and through the illumination protocol. For evaluating a run
+    trained elsewhere — e.g. a converted insightface model — on the sets a paper reports."""
+    from lowlight import recipes
+    from lowlight.config_lib import ConfigError
+
+    if config.task != "recognition":
+        raise ConfigError(f"--val_targets applies to recognition runs; this run's task is "
+                          f"{config.task!r}")
+    args = ml_collections.ConfigDict(dict(recipes.REAL_DATA_ARGS, root=root,
+                                          val_targets=val_targets, lfw_images=lfw_images))
+    return recipes.real_data(config, args)
+
+
+def evaluate(workdir: str, step: int | None = None, *, val_targets: str = "", root: str = "",
+             lfw_images: str = "") -> dict:
+    """Evaluates one checkpoint of the run in `workdir`; returns the metrics (also written).
+    With `val_targets`, on those real pair sets instead of the run's own evaluators
+    (`with_pair_sets`)."""
     from lowlight.eval import plots
     from lowlight.metric_writer import MetricWriter
 
     config = load_config(workdir)
+    if val_targets:
+        config = with_pair_sets(config, val_targets, root, lfw_images)
     raw, arrays, sections, extra = {}, {}, "", {}
     if config.task == "recognition":
         step, metrics, raw, evaluators = _recognition(config, workdir, step)
@@ -314,9 +340,10 @@ def _stopped_early(workdir: str) -> bool:
     return int(state.get("wait", 0)) >= int(state.get("patience", 1 << 30))
 
 
-def follow(workdir: str, *, poll: float, timeout: float) -> list[int]:
+def follow(workdir: str, *, poll: float, timeout: float, **sets: str) -> list[int]:
     """Evaluates every checkpoint not yet evaluated, as they appear, until the final step (or,
-    for a run that stopped early, until its last checkpoint)."""
+    for a run that stopped early, until its last checkpoint). `sets`: `evaluate`'s
+    val_targets / root / lfw_images."""
     from lowlight import checkpoint as ckpt_lib
 
     config = load_config(workdir)
@@ -334,7 +361,7 @@ def follow(workdir: str, *, poll: float, timeout: float) -> list[int]:
         steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if ckpt_dir else []
         new = [s for s in steps if s not in done]
         for s in new:
-            evaluate(workdir, s)
+            evaluate(workdir, s, **sets)
             done.append(s)
             idle_since = time.time()
         if done and (max(done) >= final or (not new and _stopped_early(workdir))):
@@ -346,6 +373,8 @@ def follow(workdir: str, *, poll: float, timeout: float) -> list[int]:
 
 
 def _cli():
+    from lowlight.config_lib import ConfigError
+
     # Flags are defined only when run as a program, so importing this module next to
     # lowlight.main (which also has --workdir) in one process does not clash.
     workdir = flags.DEFINE_string("workdir", None, "Run directory (config.json, checkpoints/).")
@@ -353,16 +382,26 @@ def _cli():
     follow_ = flags.DEFINE_bool("follow", False, "Evaluate each new checkpoint as it appears.")
     poll = flags.DEFINE_float("poll", 30.0, "--follow: seconds between checks.")
     timeout = flags.DEFINE_float("timeout", 3600.0, "--follow: give up after this long idle.")
+    targets = flags.DEFINE_string(
+        "val_targets", "", "Recognition: evaluate on these pair sets instead of the run's own "
+        "('+'-separated: names looked up as <--root>/<name>.bin, .bin paths, or an LFW pairs.txt "
+        "with --lfw_images), each as stored and through the illumination protocol.")
+    root = flags.DEFINE_string("root", "", "--val_targets: folder of the named .bin files.")
+    lfw_images = flags.DEFINE_string("lfw_images", "", "--val_targets: LFW's image folder.")
 
     def main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
         if not workdir.value:
             raise app.UsageError("--workdir is required")
-        if follow_.value:
-            follow(workdir.value, poll=poll.value, timeout=timeout.value)
-        else:
-            evaluate(workdir.value, step.value)
+        sets = dict(val_targets=targets.value, root=root.value, lfw_images=lfw_images.value)
+        try:
+            if follow_.value:
+                follow(workdir.value, poll=poll.value, timeout=timeout.value, **sets)
+            else:
+                evaluate(workdir.value, step.value, **sets)
+        except ConfigError as e:  # one line, as lowlight.main prints start-up mistakes
+            raise app.UsageError(str(e)) from None
 
     app.run(main)
 

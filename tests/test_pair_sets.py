@@ -226,6 +226,18 @@ def test_trains_on_a_pack_and_evaluates_its_bin_sets(pack, tmp_path):
     assert metrics["lfw/acc"] == pytest.approx(last["lfw/acc"], abs=1e-6)
     text = open(os.path.join(workdir, "eval", "2", "report.md")).read()
     assert "lfw_illum" in text and "not measured" in text
+    # the same checkpoint on another pair set, chosen at evaluation time (a converted model's
+    # path): the run's own evaluators are replaced, the metrics are appended
+    other = evaluate_lib.evaluate(workdir, val_targets="cfp_fp", root=str(pack))
+    assert {"cfp_fp/acc", "cfp_fp_illum/acc"} <= set(other) and "lfw/acc" not in other
+    # cfp_fp.bin holds the very pairs of lfw.bin (see `pack`): identical figures
+    assert other["cfp_fp/acc"] == pytest.approx(metrics["lfw/acc"], abs=1e-9)
+    from lowlight.config_lib import ConfigError
+
+    with pytest.raises(ConfigError, match=r"no pair set at .*agedb_30\.bin"):
+        evaluate_lib.evaluate(workdir, val_targets="agedb_30", root=str(pack))
+    with pytest.raises(ConfigError, match=r"recognition runs; this run's task is 'relight'"):
+        evaluate_lib.with_pair_sets(ml_collections.ConfigDict({"task": "relight"}), "lfw")
 
 
 # ------------------------------------------------------------------------------ labelled sources
