@@ -1,7 +1,9 @@
-"""Small building blocks shared by the identity backbones (iresnet.py, vit.py).
+"""Small building blocks shared by the backbones (iresnet.py, mobilenetv2.py, vit.py, ...).
 
 What lives here and why:
   * `PReLU` — per-channel PReLU as `torch.nn.PReLU(C)` (flax's `nn.PReLU` has one scalar slope).
+    `PReLU.negative_slope(C)` hands its parameter to a fused BatchNorm + PReLU (below) without
+    moving it.
   * `batch_norm` — BatchNorm with PyTorch's defaults (eps 1e-5, momentum 0.1, i.e. flax
     momentum 0.9). Under `jax.jit` with a batch sharded over devices the batch statistics are
     already global (the compiler inserts the cross-device reduction), so no `axis_name`/`pmean`.
@@ -11,11 +13,33 @@ What lives here and why:
   * `frozen_scale_batch_norm` — the insightface "features" BatchNorm1d whose weight is fixed at
     1.0 (`features.weight.requires_grad = False`): no scale parameter at all (so it is not in
     `params`, not trained, not weight-decayed) and behaves as scale 1; bias trainable.
+  * `batch_norm_act` / `BatchNormAct` / `bn_act` — BatchNorm followed by PReLU, ReLU6, ReLU or
+    nothing, with a hand-written `jax.custom_vjp` for train mode. Why: on XLA:CPU, after
+    `fast_conv`, the iResNet-50 train step spent ~54% of its time in memory-bound passes that
+    `nn.BatchNorm` + activation and their automatic derivative make as separate elementwise and
+    reduction ops (docs/performance.md). The closed-form backward
+        g = dy * act'(h),  dbias = sum(g),  dscale = sum(g * x̂),
+        dx = scale * rstd * (g - dbias / n - x̂ * dscale / n)
+    (plus the cotangents of the returned batch statistics) saves only x and per-channel vectors
+    and recomputes x̂ and h from x. Ideally one reduction pass and one elementwise pass; XLA:CPU
+    (jax 0.10) runs each reduction as its own YNNPACK op over a materialised operand, so x̂ and
+    g are written once and read by the sums and by dx: per BN + PReLU 9 activation-sized ops
+    (4 writes, 5 reductions) against autodiff's 12, per BN + ReLU6 7 against 9, forward
+    included (`tools/_bench_bn.py` times both). The numbers are flax's to float32 rounding:
+    the same forward ops (statistics in float32 with `use_fast_variance`, i.e. E[x²] - E[x]²
+    clipped at 0; biased variance in the running average; the output in `dtype`), the same
+    derivative conventions (jnp.clip's 1/2 at the bounds, PReLU's positive side at 0, flax's
+    clip of the variance), and the same variables as `batch_norm` under the same module name,
+    the PReLU slope staying in its own `PReLU` module — checkpoints and the torch converters
+    are unchanged (tests/test_fused_bn.py). Eval mode and symbolic shapes use plain ops.
+    Selected per model by `bn_impl` (default: follow `conv_impl`; "auto" is the fused form on
+    the CPU backend and flax's elsewhere, where it was not measured).
   * `count_params` / `param_shapes` — parameter counting without allocating (jax.eval_shape).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -23,6 +47,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
+
+from lowlight.models import fast_conv
 
 # torch.nn.BatchNorm defaults: running = 0.9 * running + 0.1 * batch.
 TORCH_BN_MOMENTUM = 0.9
@@ -30,19 +57,27 @@ TORCH_BN_EPS = 1e-5
 
 
 class PReLU(nn.Module):
-    """Per-channel PReLU over the last axis, slope initialised to 0.25 as in PyTorch."""
+    """Per-channel PReLU over the last axis, slope initialised to 0.25 as in PyTorch.
+
+    `negative_slope(channels)` returns the slope parameter alone (declaring it if needed), so a
+    parent can hand it to the fused `batch_norm_act` while it stays at `<parent>/prelu/
+    negative_slope` — the same variable whether the activation runs here or fused into the BN.
+    """
 
     init_slope: float = 0.25
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        slope = self.param(
+    def negative_slope(self, channels: int) -> jax.Array:
+        return self.param(
             "negative_slope",
             nn.initializers.constant(self.init_slope),
-            (x.shape[-1],),
+            (channels,),
             self.param_dtype,
         )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        slope = self.negative_slope(x.shape[-1])
         return jnp.where(x >= 0, x, slope.astype(x.dtype) * x)
 
 
@@ -70,6 +105,237 @@ def frozen_scale_batch_norm(
 ) -> nn.BatchNorm:
     """BatchNorm1d with its scale frozen at 1 (insightface iResNet `features`): bias only."""
     return batch_norm(train=train, eps=eps, dtype=dtype, name=name, use_scale=False)
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNorm + activation with a hand-written VJP (train mode on XLA:CPU)
+# --------------------------------------------------------------------------------------------
+#: Activations `batch_norm_act` / `BatchNormAct` apply after the normalisation.
+BN_ACTIVATIONS: tuple[str, ...] = ("none", "prelu", "relu", "relu6")
+
+
+def resolve_bn_impl(impl: str) -> str:
+    """`bn_impl` -> "xla" (`nn.BatchNorm` + activation, differentiated by JAX) or "fast"
+    (`BatchNormAct`, fused VJP); "auto" is "fast" on the CPU backend (`fast_conv.resolve_impl`)."""
+    if impl not in fast_conv.CONV_IMPLS:
+        raise ValueError(f"bn_impl {impl!r}; valid: {', '.join(fast_conv.CONV_IMPLS)}")
+    return fast_conv.resolve_impl(impl)
+
+
+def _activate(h: jax.Array, activation: str, slope: jax.Array | None) -> jax.Array:
+    """The activations as the models write them (so autodiff gives the same derivatives)."""
+    if activation == "prelu":
+        return jnp.where(h >= 0, h, slope.astype(h.dtype) * h)
+    if activation == "relu6":
+        return jnp.clip(h, 0.0, 6.0)
+    if activation == "relu":
+        return nn.relu(h)
+    return h
+
+
+def _channels(v: jax.Array, ndim: int) -> jax.Array:
+    """A per-channel vector broadcast against a (..., C) array of rank `ndim`."""
+    return v.reshape((1,) * (ndim - 1) + (v.shape[-1],))
+
+
+def _moments(x: jax.Array, stats_dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """flax's `_compute_stats` (use_fast_variance): mean and E[x²] - mean², not yet clipped at 0,
+    over every axis but the last, in `stats_dtype`; both sums come from one pass over x."""
+    axes = tuple(range(x.ndim - 1))
+    x = x.astype(stats_dtype)
+    mean = jnp.mean(x, axes)
+    return mean, jnp.mean(lax.square(x), axes) - lax.square(mean)
+
+
+def _normalize(x, mean, var, scale, bias, eps: float, dtype: Any) -> jax.Array:
+    """flax's `_normalize`, the same ops in the same order: (x - mean) * (rsqrt(var + eps) *
+    scale) + bias, in the promoted dtype (float32 for bf16 x), then cast to `dtype`."""
+    y = x - _channels(mean, x.ndim)
+    mul = lax.rsqrt(_channels(var, x.ndim) + eps)
+    if scale is not None:
+        mul = mul * _channels(scale, x.ndim)
+    y = y * mul
+    y = y + _channels(bias, x.ndim)
+    return y.astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _bn_act(x, scale, bias, slope, activation, eps, dtype, stats_dtype):
+    return _bn_act_fwd(x, scale, bias, slope, activation, eps, dtype, stats_dtype)[0]
+
+
+def _bn_act_fwd(x, scale, bias, slope, activation, eps, dtype, stats_dtype):
+    mean, var_raw = _moments(x, stats_dtype)
+    var = jnp.maximum(0.0, var_raw)  # flax clips round-off negatives
+    y = _activate(_normalize(x, mean, var, scale, bias, eps, dtype), activation, slope)
+    # Only x and per-channel vectors are kept: the backward recomputes x̂ and the
+    # pre-activation from x in the loops that read it anyway.
+    return (y, mean, var), (x, mean, var_raw, scale, bias, slope)
+
+
+def _bn_act_bwd(activation, eps, dtype, stats_dtype, res, cts):
+    x, mean, var_raw, scale, bias, slope = res
+    dy, dmean, dvar = cts
+    axes = tuple(range(x.ndim - 1))
+    n = math.prod(x.shape[:-1])
+    var = jnp.maximum(0.0, var_raw)
+    rstd = lax.rsqrt(var + eps)
+    h = _normalize(x, mean, var, scale, bias, eps, dtype)  # the forward's pre-activation
+    xhat = (x.astype(stats_dtype) - _channels(mean, x.ndim)) * _channels(rstd, x.ndim)
+    # the activation's derivative, in `dtype` as autodiff of `_activate` computes it (jnp.clip
+    # and jnp.maximum give 1/2 where the input equals the bound; jax.nn.relu gives 0 at 0)
+    dslope = None
+    if activation == "prelu":
+        neg = h < 0
+        g = jnp.where(neg, slope.astype(dtype) * dy, dy)
+        dslope = jnp.sum(jnp.where(neg, dy * h, 0).astype(stats_dtype), axes).astype(slope.dtype)
+    elif activation == "relu6":  # (a factor, not where(.., 0.5 * dy, ..): XLA would write 0.5*dy)
+        g = dy * jnp.where((h > 0) & (h < 6), 1.0, jnp.where((h == 0) | (h == 6), 0.5, 0.0)
+                           ).astype(dtype)
+    elif activation == "relu":
+        g = jnp.where(h > 0, dy, 0)
+    else:
+        g = dy
+    g = g.astype(stats_dtype)
+    dbias = jnp.sum(g, axes)  # one pass over (x, dy) for all three sums
+    dscale = jnp.sum(g * xhat, axes)
+    # closed form of autodiff through flax's statistics: with s = scale * rstd,
+    #   dx = s*(g - dbias/n - x̂*k*dscale/n) + dmean/n + k*dvar*2*(x - mean)/n,
+    # k = d max(0, var_raw) / d var_raw (1 above 0, 1/2 at 0, 0 below: flax's clip), and
+    # dmean, dvar the cotangents of the returned statistics (zero unless something
+    # differentiates the running averages). One elementwise pass with per-channel a, b, c:
+    s = rstd if scale is None else rstd * scale
+    k = jnp.where(var_raw > 0, 1.0, jnp.where(var_raw == 0, 0.5, 0.0))
+    b = k * (2.0 * dvar / rstd - s * dscale) / n
+    c = (dmean - s * dbias) / n
+    dx = _channels(s, x.ndim) * g + xhat * _channels(b, x.ndim) + _channels(c, x.ndim)
+    return (dx.astype(x.dtype), None if scale is None else dscale.astype(scale.dtype),
+            dbias.astype(bias.dtype), dslope)
+
+
+_bn_act.defvjp(_bn_act_fwd, _bn_act_bwd)
+
+
+def bn_act(
+    x: jax.Array,
+    scale: jax.Array | None,
+    bias: jax.Array,
+    negative_slope: jax.Array | None = None,
+    *,
+    activation: str = "none",
+    eps: float = TORCH_BN_EPS,
+    dtype: Any = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Train-mode BatchNorm over every axis but the last, then `activation`, with a fused VJP.
+
+    Returns `(y, mean, var)`: the output and the batch statistics (float32, biased variance) to
+    fold into the running averages. The same numbers as `nn.BatchNorm(dtype=dtype)` followed by
+    the activation (float32 rounding); the backward is the closed form — one pass over (x, dy)
+    for d bias, d scale and d slope, one elementwise pass for dx — instead of the separate
+    passes automatic differentiation of flax's ops makes. `scale=None` is BatchNorm without a
+    scale; `negative_slope` (C,) is required for "prelu" and ignored otherwise. Plain jnp inside,
+    so under `jax.jit` with a sharded batch the sums are global like flax's.
+    """
+    if activation not in BN_ACTIVATIONS:
+        raise ValueError(f"activation {activation!r}; valid: {', '.join(BN_ACTIVATIONS)}")
+    if activation == "prelu" and negative_slope is None:
+        raise ValueError("activation 'prelu' needs negative_slope")
+    if activation != "prelu":
+        negative_slope = None
+    stats_dtype = jnp.promote_types(dtype if dtype is not None else jnp.result_type(x),
+                                    jnp.float32)
+    out_dtype = nn.dtypes.canonicalize_dtype(*(a for a in (x, scale, bias) if a is not None),
+                                             dtype=dtype)
+    return _bn_act(x, scale, bias, negative_slope, activation, float(eps), out_dtype, stats_dtype)
+
+
+class BatchNormAct(nn.Module):
+    """`nn.BatchNorm` (last axis) + activation with the fused VJP of `bn_act` in train mode.
+
+    A drop-in for `batch_norm(...)` followed by the activation: the same variables (params
+    `scale` (unless `use_scale=False`) and `bias`, `batch_stats` `mean` and `var`, float32),
+    initialisers, running-average update (`momentum` * running + (1 - `momentum`) * batch,
+    biased variance, not during `init`), epsilon and dtype handling (statistics in float32,
+    output in `dtype`). The PReLU slope is not a variable of this module: the caller passes it
+    (`PReLU.negative_slope`), so it stays where the un-fused model keeps it. With
+    `use_running_average` (eval) or `fused=False` (symbolic shapes) it runs as plain ops.
+    """
+
+    use_running_average: bool
+    activation: str = "none"
+    momentum: float = TORCH_BN_MOMENTUM
+    epsilon: float = TORCH_BN_EPS
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_scale: bool = True
+    fused: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, negative_slope: jax.Array | None = None) -> jax.Array:
+        if self.activation not in BN_ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r}; valid: {', '.join(BN_ACTIVATIONS)}")
+        if (self.activation == "prelu") != (negative_slope is not None):
+            raise ValueError("negative_slope is required with activation 'prelu' and only then")
+        shape = (x.shape[-1],)
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), shape)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), shape)
+        scale = (self.param("scale", nn.initializers.ones, shape, self.param_dtype)
+                 if self.use_scale else None)
+        bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype)
+        if self.use_running_average:
+            dtype = nn.dtypes.canonicalize_dtype(
+                *(a for a in (x, scale, bias) if a is not None), dtype=self.dtype)
+            h = _normalize(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon, dtype)
+            return _activate(h, self.activation, negative_slope)
+        if self.fused:
+            y, mean, var = bn_act(x, scale, bias, negative_slope, activation=self.activation,
+                                  eps=self.epsilon, dtype=self.dtype)
+        else:
+            stats_dtype = jnp.promote_types(
+                self.dtype if self.dtype is not None else jnp.result_type(x), jnp.float32)
+            dtype = nn.dtypes.canonicalize_dtype(
+                *(a for a in (x, scale, bias) if a is not None), dtype=self.dtype)
+            mean, var = _moments(x, stats_dtype)
+            var = jnp.maximum(0.0, var)
+            y = _activate(_normalize(x, mean, var, scale, bias, self.epsilon, dtype),
+                          self.activation, negative_slope)
+        if not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y
+
+
+def batch_norm_act(
+    x: jax.Array,
+    *,
+    train: bool,
+    activation: str,
+    impl: str = "auto",
+    eps: float = TORCH_BN_EPS,
+    dtype: Any = None,
+    name: str,
+    use_scale: bool = True,
+    prelu_name: str = "prelu",
+) -> jax.Array:
+    """`batch_norm(name=name)` then `activation`, called inside a parent's compact method.
+
+    `impl` (a model's `bn_impl`): "xla" is `nn.BatchNorm` + the activation as before, "fast"
+    `BatchNormAct` (fused VJP; plain ops in eval mode and for symbolic shapes), "auto" "fast"
+    on the CPU backend (`resolve_bn_impl`). Both create the same variables: the BN's under
+    `name`, a PReLU's slope under `prelu_name` (`PReLU`'s own path).
+    """
+    if activation not in BN_ACTIVATIONS:
+        raise ValueError(f"activation {activation!r}; valid: {', '.join(BN_ACTIVATIONS)}")
+    if resolve_bn_impl(impl) == "xla":
+        y = batch_norm(train=train, eps=eps, dtype=dtype, name=name, use_scale=use_scale)(x)
+        if activation == "prelu":
+            return PReLU(name=prelu_name)(y)
+        return _activate(y, activation, None)
+    slope = (PReLU(name=prelu_name).negative_slope(x.shape[-1]) if activation == "prelu"
+             else None)
+    return BatchNormAct(use_running_average=not train, activation=activation, epsilon=eps,
+                        dtype=dtype, use_scale=use_scale, fused=fast_conv._static(x.shape),
+                        name=name)(x, slope)
 
 
 def torch_linear_init(fan_in: int):

@@ -142,6 +142,7 @@ class ConvBNReLU6(nn.Module):
     groups: int = 1
     dtype: Any = jnp.float32
     conv_impl: str = "auto"
+    bn_impl: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -156,8 +157,8 @@ class ConvBNReLU6(nn.Module):
             kernel_init=_CONV_INIT,
             name="conv",
         )(x)
-        x = L.batch_norm(train=train, dtype=self.dtype, name="bn")(x)
-        return jnp.clip(x, 0.0, 6.0)  # ReLU6
+        return L.batch_norm_act(x, train=train, activation="relu6", dtype=self.dtype,
+                                impl=self.bn_impl or self.conv_impl, name="bn")
 
 
 class InvertedResidual(nn.Module):
@@ -172,13 +173,15 @@ class InvertedResidual(nn.Module):
     expand_ratio: int
     dtype: Any = jnp.float32
     conv_impl: str = "auto"
+    bn_impl: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         if self.stride not in (1, 2):
             raise ValueError(f"stride must be 1 or 2, got {self.stride}")
         spec = BlockSpec(x.shape[-1], self.out_channels, self.stride, self.expand_ratio)
-        block = functools.partial(ConvBNReLU6, dtype=self.dtype, conv_impl=self.conv_impl)
+        block = functools.partial(ConvBNReLU6, dtype=self.dtype, conv_impl=self.conv_impl,
+                                  bn_impl=self.bn_impl)
         h = x
         if self.expand_ratio != 1:
             h = block(spec.hidden, kernel=1, name="expand")(h, train)
@@ -206,22 +209,23 @@ class MobileNetV2Features(nn.Module):
     round_nearest: int = 8
     dtype: Any = jnp.float32
     conv_impl: str = "auto"
+    bn_impl: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         x = x.astype(self.dtype)
         stem = make_divisible(STEM_CHANNELS * self.alpha, self.round_nearest)
         x = ConvBNReLU6(stem, stride=2, dtype=self.dtype, conv_impl=self.conv_impl,
-                        name="features_0")(x, train)
+                        bn_impl=self.bn_impl, name="features_0")(x, train)
         specs = block_specs(self.alpha, self.round_nearest)
         for i, spec in enumerate(specs, start=1):
             x = InvertedResidual(
                 spec.out_channels, spec.stride, spec.expand_ratio, dtype=self.dtype,
-                conv_impl=self.conv_impl, name=f"features_{i}",
+                conv_impl=self.conv_impl, bn_impl=self.bn_impl, name=f"features_{i}",
             )(x, train)
         last = last_channels(self.alpha, self.round_nearest)
         return ConvBNReLU6(last, kernel=1, dtype=self.dtype, conv_impl=self.conv_impl,
-                           name=f"features_{len(specs) + 1}")(x, train)
+                           bn_impl=self.bn_impl, name=f"features_{len(specs) + 1}")(x, train)
 
 
 class MobileNetV2(nn.Module):
@@ -242,6 +246,10 @@ class MobileNetV2(nn.Module):
       conv_impl: "auto" (default: "fast" on the CPU backend, "xla" elsewhere), "xla"
         (`nn.Conv`) or "fast" (`fast_conv.Conv`: the same parameters, outputs and gradients to
         float32 rounding; depthwise convolutions as shifted sums, docs/performance.md).
+      bn_impl: the BN + ReLU6 of every conv-BN-ReLU6 unit: None (default) follows `conv_impl`;
+        "xla" is `nn.BatchNorm` + clip differentiated by JAX, "fast" `layers.BatchNormAct`
+        (train mode: one hand-written VJP, the same variables and numbers to float32 rounding),
+        "auto" "fast" on the CPU backend. The projection BNs (no activation) stay flax's.
     """
 
     alpha: float = 1.0
@@ -254,6 +262,7 @@ class MobileNetV2(nn.Module):
     age_bias_init: float = 0.0
     dtype: Any = jnp.float32
     conv_impl: str = "auto"
+    bn_impl: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool):
@@ -263,7 +272,7 @@ class MobileNetV2(nn.Module):
                 f"{self.projection_activation!r}"
             )
         f = MobileNetV2Features(self.alpha, dtype=self.dtype, conv_impl=self.conv_impl,
-                                name="backbone")(x, train=train)
+                                bn_impl=self.bn_impl, name="backbone")(x, train=train)
         f = f.astype(jnp.float32)
         f = A.attention_block(self.attention, reduction=self.reduction, name="attention")(
             f, train=train
@@ -298,7 +307,7 @@ class MobileNetV2(nn.Module):
 def mobilenetv2(**kwargs: Any) -> MobileNetV2:
     """Paper A's MobileNetV2 attribute model. kwargs: alpha=1.0, attention="se", reduction=16,
     projection_dim=256, projection_activation="relu", dropout=0.5, num_ethnicities=5,
-    age_bias_init=0.0, dtype=jnp.float32, conv_impl="auto" (see `MobileNetV2`)."""
+    age_bias_init=0.0, dtype=jnp.float32, conv_impl="auto", bn_impl=None (see `MobileNetV2`)."""
     return MobileNetV2(**kwargs)
 
 
