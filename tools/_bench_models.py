@@ -100,8 +100,10 @@ def _jax_target(name: str, n: int):
     raise ValueError(name)
 
 
-def _jax_module(name: str, conv_impl: str | None):
+def _jax_module(name: str, conv_impl: str | None, bn_impl: str | None = None):
     kw = {} if conv_impl is None else {"conv_impl": conv_impl}
+    if bn_impl and name in ("iresnet50", "iresnet100", "mobilenetv2_se"):
+        kw["bn_impl"] = bn_impl  # (default: follows conv_impl; lowlight.models.layers)
     if name == "mobilenetv2_se":
         return models.create("mobilenetv2", attention="se", **kw)
     if name in ("iresnet50", "iresnet100", "unet", "relight"):
@@ -117,11 +119,12 @@ def _jax_tx(name: str):
     return optax.adam(1e-3)
 
 
-def lowlight_side(name: str, *, train_batch: int, conv_impl: str | None, timer) -> Side:
+def lowlight_side(name: str, *, train_batch: int, conv_impl: str | None, timer,
+                  bn_impl: str | None = None) -> Side:
     """The lowlight model `name` with a jitted, donating train step and jitted inference."""
     if name == "pipeline":
         return _lowlight_pipeline(conv_impl, timer)
-    module = _jax_module(name, conv_impl)
+    module = _jax_module(name, conv_impl, bn_impl)
     x = _jax_images(train_batch)
     variables = module.init({"params": jax.random.key(0), "dropout": jax.random.key(1)},
                             x[:1], train=False)

@@ -19,11 +19,14 @@ not absolute figures from different moments.
 
     python tools/bench.py [--models=iresnet50,iresnet100,vit_s,mobilenetv2_se,unet,relight,pipeline]
                           [--quick] [--out=bench.json] [--conv_impl=fast|xla|xla,fast]
-                          [--threads=N] [--clock=wall|cpu] [--profile] [--no_data]
+                          [--bn_impl=xla|fast] [--threads=N] [--clock=wall|cpu] [--profile]
+                          [--no_data]
 
 --conv_impl picks lowlight's convolution for the models that have the option (all but the
 ViT: iResNets, MobileNetV2, U-Net, relighting net, the pipeline's three nets); a comma list
-times each (one row per implementation).
+times each (one row per implementation). --bn_impl picks the BatchNorm+activation of the
+iResNets and MobileNetV2 (default: the same as the convolution; `xla` = flax's BatchNorm
+differentiated by JAX, `fast` = the fused VJP of lowlight.models.layers.BatchNormAct).
 --threads=1 --clock=cpu times one pinned core by process CPU time: steadier on a loaded machine
 (it measures what a dedicated core would do), but not the multi-core figure the goals name.
 """
@@ -59,6 +62,9 @@ def _args(argv=None):
     ap.add_argument("--conv_impl", default="auto",
                     help="lowlight conv implementation(s) for models that have the option: "
                          "auto (the models' default), xla, fast, or a comma list")
+    ap.add_argument("--bn_impl", default="",
+                    help="BatchNorm+activation of iResNets / MobileNetV2: xla (flax's), fast "
+                         "(fused VJP) or auto; default: follow --conv_impl")
     ap.add_argument("--threads", type=int, default=0, help="cores to use (0 = all)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     ap.add_argument("--profile", action="store_true",
@@ -171,8 +177,11 @@ def bench_model(name: str, impl: str | None, args, clock: Clock, peak: float) ->
 
     shown = None if impl is None else (impl if impl != "auto" else
                                        "auto=" + fast_conv.resolve_impl("auto"))
+    if args.bn_impl and name in ("iresnet50", "iresnet100", "mobilenetv2_se"):
+        shown = f"{shown or 'auto'}+bn={args.bn_impl}"
     row: dict = {"model": name, "what": BM.MODELS[name], "conv_impl": shown, "load": [_load()]}
-    jx = BM.lowlight_side(name, train_batch=args.train_batch, conv_impl=impl, timer=clock.timer)
+    jx = BM.lowlight_side(name, train_batch=args.train_batch, conv_impl=impl, timer=clock.timer,
+                          bn_impl=args.bn_impl or None)
     th = BM.torch_side(name, train_batch=args.train_batch)
     row["params"] = {"lowlight": jx.params, "torch": th.params}
     if jx.params != th.params:
