@@ -63,19 +63,21 @@ class IBasicBlock(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         conv = functools.partial(fast_conv.conv_module(self.conv_impl), use_bias=False,
                                  dtype=self.dtype, kernel_init=_CONV_INIT)
-        bn = functools.partial(L.batch_norm, train=train, dtype=self.dtype)
-        out = bn(name="bn1")(x)
+        # every BatchNorm of the block through the fused VJP where bn_impl resolves to "fast"
+        # (activation "none" for bn1, bn3 and the projection's BN)
+        bn = functools.partial(L.batch_norm_act, train=train, dtype=self.dtype,
+                               impl=self.bn_impl or self.conv_impl)
+        out = bn(x, activation="none", name="bn1")
         out = conv(self.planes, (3, 3), padding=_PAD1, name="conv1")(out)
-        out = L.batch_norm_act(out, train=train, activation="prelu", dtype=self.dtype,
-                               impl=self.bn_impl or self.conv_impl, name="bn2")  # + "prelu"
+        out = bn(out, activation="prelu", name="bn2")  # + the sibling "prelu" slope
         out = conv(self.planes, (3, 3), strides=self.stride, padding=_PAD1, name="conv2")(out)
-        out = bn(name="bn3")(out)
+        out = bn(out, activation="none", name="bn3")
         identity = x
         if self.downsample:
             identity = conv(
                 self.planes, (1, 1), strides=self.stride, padding="VALID", name="downsample_conv"
             )(x)
-            identity = bn(name="downsample_bn")(identity)
+            identity = bn(identity, activation="none", name="downsample_bn")
         return out + identity
 
 
