@@ -249,7 +249,7 @@ def _uses_fused(model, x):
     return "name=_bn_act" in str(jaxpr)  # the fused BN's custom_vjp (fast_conv has others)
 
 
-def test_bn_impl_follows_conv_impl():
+def test_bn_impl_follows_conv_impl_in_iresnet_and_is_opt_in_for_mobilenetv2():
     from lowlight.models import iresnet
 
     x = jnp.zeros((2, 16, 16, 3))
@@ -258,6 +258,13 @@ def test_bn_impl_follows_conv_impl():
     assert _uses_fused(mk(conv_impl="xla", bn_impl="fast"), x)
     assert not _uses_fused(mk(conv_impl="fast", bn_impl="xla"), x)
     assert _uses_fused(mk(conv_impl="auto"), x) == (jax.default_backend() == "cpu")
+    # MobileNetV2 keeps flax's BN + ReLU6 unless asked (the fused form measured slower there)
+    from lowlight.models import mobilenetv2
+
+    mk2 = lambda **kw: mobilenetv2.MobileNetV2Features(alpha=0.25, **kw)  # noqa: E731
+    x2 = jnp.zeros((1, 32, 32, 3))
+    assert not _uses_fused(mk2(conv_impl="fast"), x2)
+    assert _uses_fused(mk2(conv_impl="fast", bn_impl="fast"), x2)
 
 
 def _random_variables(model, x, rng):

@@ -158,7 +158,7 @@ class ConvBNReLU6(nn.Module):
             name="conv",
         )(x)
         return L.batch_norm_act(x, train=train, activation="relu6", dtype=self.dtype,
-                                impl=self.bn_impl or self.conv_impl, name="bn")
+                                impl=self.bn_impl or "xla", name="bn")
 
 
 class InvertedResidual(nn.Module):
@@ -246,10 +246,13 @@ class MobileNetV2(nn.Module):
       conv_impl: "auto" (default: "fast" on the CPU backend, "xla" elsewhere), "xla"
         (`nn.Conv`) or "fast" (`fast_conv.Conv`: the same parameters, outputs and gradients to
         float32 rounding; depthwise convolutions as shifted sums, docs/performance.md).
-      bn_impl: the BN + ReLU6 of every conv-BN-ReLU6 unit: None (default) follows `conv_impl`;
-        "xla" is `nn.BatchNorm` + clip differentiated by JAX, "fast" `layers.BatchNormAct`
-        (train mode: one hand-written VJP, the same variables and numbers to float32 rounding),
-        "auto" "fast" on the CPU backend. The projection BNs (no activation) stay flax's.
+      bn_impl: the BN + ReLU6 of every conv-BN-ReLU6 unit: None (default) is "xla",
+        `nn.BatchNorm` + clip differentiated by JAX; "fast" is `layers.BatchNormAct` (train
+        mode: one hand-written VJP, the same variables and numbers to float32 rounding), "auto"
+        "fast" on the CPU backend. Not the default because it measured slower here: 0.81x the
+        train step of flax's form on the 2-core CPU (XLA fuses flax's BN and ReLU6 into the
+        shifted-sum depthwise convolutions around them, which the custom VJP's boundary
+        prevents; docs/performance.md). The projection BNs (no activation) stay flax's.
     """
 
     alpha: float = 1.0
