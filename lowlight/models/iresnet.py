@@ -150,10 +150,12 @@ class IResNet(nn.Module):
         (`nn.Conv`) or "fast" (`fast_conv.Conv`: the same parameters, outputs and gradients to
         float32 rounding; docs/performance.md: 1.19x faster train step and 1.34x inference
         throughput for iResNet-50 on a 2-core CPU).
-      bn_impl: the BatchNorm + PReLU pairs (stem, and bn2 + prelu of every block): None (default)
-        follows `conv_impl`; "xla" is `nn.BatchNorm` + `PReLU` differentiated by JAX, "fast"
-        `layers.BatchNormAct` (train mode: one hand-written VJP, the same variables and numbers
-        to float32 rounding), "auto" "fast" on the CPU backend. The other BatchNorms are flax's.
+      bn_impl: the stem's BatchNorm + PReLU and every BatchNorm of the blocks (bn2 + prelu; bn1,
+        bn3 and the projection's BN without activation): None (default) follows `conv_impl`;
+        "xla" is `nn.BatchNorm` (+ `PReLU`) differentiated by JAX, "fast" `layers.BatchNormAct`
+        (train mode: one hand-written VJP, the same variables and numbers to float32 rounding;
+        1.03-1.05x the iResNet-50 train step on a 2-core CPU), "auto" "fast" on the CPU
+        backend. The head's BatchNorms are flax's.
     """
 
     layers: Sequence[int]
