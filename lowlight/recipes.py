@@ -191,13 +191,11 @@ def real_data(c: ml_collections.ConfigDict, a) -> ml_collections.ConfigDict:
     if targets:
         c.evals, names = {}, []
         for t in targets:
-            path = t
-            if "/" not in t and "." not in t:
-                if not a.root or not os.path.isdir(a.root):
-                    raise ConfigError(f"val_targets: {t!r} is a name, looked up as "
-                                      f"<root>/{t}.bin, but root={a.root!r} is not a folder; "
-                                      "give the .bin path instead")
-                path = os.path.join(a.root, t + ".bin")
+            path = pair_set_path(t, a.root)
+            if path is None:
+                raise ConfigError(f"val_targets: {t!r} is a name, looked up as "
+                                  f"<root>/{t}.bin, but root={a.root!r} is not a folder; "
+                                  "give the .bin path instead")
             if not os.path.isfile(path):
                 raise ConfigError(f"val_targets: no pair set at {path!r} (from {t!r})")
             if path.endswith(".txt") and not os.path.isdir(a.lfw_images):
@@ -214,6 +212,16 @@ def real_data(c: ml_collections.ConfigDict, a) -> ml_collections.ConfigDict:
                                               lighting=lighting, seed=10_002, num_pairs=0)
         c.best_metric = f"{names[0]}/acc"  # (a ConfigDict iterates its keys sorted)
     return c
+
+
+def pair_set_path(target: str, root: str) -> str | None:
+    """Where a `val_targets` entry points: a bare name ("lfw") is `<root>/<name>.bin` (None
+    when root is not a folder); anything with a '/' or an extension is a path already."""
+    import os
+
+    if "/" in target or "." in target:
+        return target
+    return os.path.join(root, target + ".bin") if root and os.path.isdir(root) else None
 
 
 def pair_set_name(path: str) -> str:

@@ -336,22 +336,27 @@ def parse_args(argv):
         p.error(f"--utkface={a.utkface!r} is not a directory")
     if a.rec and not os.path.isfile(os.path.join(a.rec, "train.rec")):
         p.error(f"--rec={a.rec!r}: expected a folder with train.rec and train.idx")
+    from lowlight.recipes import pair_set_path
+
     for t in filter(None, a.val_targets.split("+")):
-        path = t if ("/" in t or "." in t) else os.path.join(a.rec, t + ".bin")
-        if not (("/" in t or "." in t) or a.rec) or not os.path.isfile(path):
+        path = pair_set_path(t, a.rec)
+        if path is None or not os.path.isfile(path):
             p.error(f"--val-targets: no pair set {path!r} for {t!r} (bare names need --rec)")
     a.grids = grids
     return a
 
 
 def main(argv=None) -> int:
+    from lowlight.recipes import pair_set_path
+
     argv = sys.argv[1:] if argv is None else argv
     a = parse_args(argv)
     out = os.path.abspath(a.out)
     seeds = list(range(a.seeds))
     utkface = os.path.abspath(a.utkface) if a.utkface else ""
     rec = os.path.abspath(a.rec) if a.rec else ""
-    targets = "+".join(t if not ("/" in t or "." in t) else os.path.abspath(t)
+    # bare names stay names (each run resolves them in its own root=); paths become absolute
+    targets = "+".join(t if pair_set_path(t, "") is None else os.path.abspath(t)
                        for t in a.val_targets.split("+") if t)
     jobs = build_plan(a.grids, a.size, seeds, out, steps=a.steps, utkface=utkface, rec=rec,
                       val_targets=targets)

@@ -225,9 +225,7 @@ class PairSetVerification(PairVerification):
 
         self.name = name
         path = cfg.get("path", "")
-        lighting = cfg.get("lighting", "as_is")
-        if lighting not in ("as_is", "protocol"):
-            raise ValueError(f"evals.{name}.lighting={lighting!r}; valid: as_is, protocol")
+        lighting = _real_set_lighting(name, cfg)
         if not path or not os.path.isfile(path):
             raise ValueError(f"evals.{name}.path={path!r}: expected an insightface .bin file or "
                              "an LFW pairs.txt")
@@ -294,9 +292,7 @@ class LabelledVerification(PairVerification):
         from lowlight.data import pipeline
 
         self.name = name
-        lighting = cfg.get("lighting", "as_is")
-        if lighting not in ("as_is", "protocol"):
-            raise ValueError(f"evals.{name}.lighting={lighting!r}; valid: as_is, protocol")
+        lighting = _real_set_lighting(name, cfg)
         if "data" not in cfg:
             raise ValueError(f"evals.{name}.data: expected a data config (name, root, size, ...)")
         seed = int(cfg.get("seed", 0))
@@ -306,15 +302,13 @@ class LabelledVerification(PairVerification):
         uniq, inv = np.unique(labels, return_inverse=True)
         per = int(cfg.get("per_identity", 4))
         max_images = int(cfg.get("max_images", 2000))
-        members = [[] for _ in uniq]
-        for i, k in enumerate(inv):
-            members[k].append(i)
+        # item indices per identity, in index order (no Python loop over a large pack's labels)
+        members = np.split(np.argsort(inv, kind="stable"), np.cumsum(np.bincount(inv))[:-1])
         chosen: list[int] = []
         for k in rng.permutation(len(uniq)):
             if len(chosen) >= max_images:
                 break
-            m = np.asarray(members[k])
-            chosen += rng.permutation(m)[:min(per, max_images - len(chosen))].tolist()
+            chosen += rng.permutation(members[k])[:min(per, max_images - len(chosen))].tolist()
         chosen_arr = np.asarray(chosen, np.int64)
         items = [src[int(i)] for i in chosen_arr]
         self.images = np.stack([np.asarray(it["image"]) for it in items])
@@ -367,6 +361,14 @@ def _sample_pairs(identity: np.ndarray, num_pairs: int, rng, name: str):
     issame = np.arange(num_pairs) < n_pos
     order = rng.permutation(num_pairs)  # contiguous folds mix both kinds
     return (np.asarray(i1, np.int64)[order], np.asarray(i2, np.int64)[order], issame[order])
+
+
+def _real_set_lighting(name: str, cfg) -> str:
+    """`cfg.lighting` of a real set: 'as_is' (default) or 'protocol'."""
+    lighting = cfg.get("lighting", "as_is")
+    if lighting not in ("as_is", "protocol"):
+        raise ValueError(f"evals.{name}.lighting={lighting!r}; valid: as_is, protocol")
+    return lighting
 
 
 class _ImageList:
