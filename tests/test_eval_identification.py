@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from lowlight.eval import identification as idn
+from lowlight.eval import search
 
 
 def _ref_topk(p, g, k):
@@ -73,8 +74,9 @@ def test_topk_random_float_data_matches_numpy():
 
 def test_no_probe_by_gallery_matrix_is_formed():
     pb, gsize, chunk = 8, 1000, 64
-    jaxpr = jax.make_jaxpr(functools.partial(idn._topk_block, k=5, chunk=chunk))(
-        np.zeros((pb, 4), np.float32), np.zeros((gsize, 4), np.float32))
+    jaxpr = jax.make_jaxpr(functools.partial(search._exact_block, k=5, chunk=chunk))(
+        np.zeros((pb, 4), np.float32), np.zeros((gsize, 4), np.float32),
+        np.ones((gsize, 1), np.float32))
     shapes = set()
 
     def walk(jx):
@@ -219,12 +221,14 @@ def test_evaluate_with_split_end_to_end():
     assert out["dir@fpir=1e-1/reachable"] is True
 
 
-@pytest.mark.parametrize("block", [1, 4, 16])
+@pytest.mark.parametrize("block", [1, 4, 8, 16])
 def test_blocked_topk_equals_lax_top_k_with_ties(block):
-    """Values and indices, ties by lower index, on integer scores with many ties."""
+    """Values and indices, ties by lower index, on integer scores with many ties (k up to
+    64 // block: a later run with a larger maximum must not put its members before an
+    earlier run's equal ones)."""
     rng = np.random.default_rng(11)
     scores = jax.numpy.asarray(rng.integers(0, 6, (7, 64)).astype(np.float32))
-    for k in (1, 3, 4):
+    for k in sorted({1, 3, 4, 64 // block // 2, 64 // block}):
         v, i = idn.blocked_topk(scores, k, block)
         rv, ri = jax.lax.top_k(scores, k)
         np.testing.assert_array_equal(np.asarray(v), np.asarray(rv))

@@ -6,9 +6,10 @@ and torch cannot do any more, so they run here as subprocesses and their printed
 parsed. The grain pipeline (threads, as training runs it), verification and 1:N search run
 in-process.
 
-1:N search: `lowlight.eval.identification.topk_similarity` as a user calls it (probe batches
-of 256, gallery chunks of 16,384, `blocked_topk` per chunk), and `search_topk` below, the same
-search with all probes and 64k-entry chunks in one program, checked equal to it.
+1:N search: `lowlight.eval.search.topk_similarity` as a user calls it (probe batches of 256,
+gallery chunks of 16,384; bf16 screen + certified float32 re-scoring, and the float32 pass
+alone), and `search_topk` below, the float32 search with all probes and 64k-entry chunks in
+one program, checked equal to it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lowlight.eval import identification
+from lowlight.eval import search
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 
@@ -146,7 +147,7 @@ def search_topk(probes: jax.Array, gallery: jax.Array, k: int, *, chunk: int = 6
         sim = jnp.dot(probes, block_g.T, precision=lax.Precision.HIGHEST)
         n = sim.shape[1]
         if n % block == 0 and n // block >= k:
-            v, i = identification.blocked_topk(sim, k, block)
+            v, i = search.blocked_topk(sim, k, block)
         else:
             v, i = lax.top_k(sim, min(k, n))
         vals.append(v)
@@ -157,44 +158,58 @@ def search_topk(probes: jax.Array, gallery: jax.Array, k: int, *, chunk: int = 6
 
 def identification_search(quick: bool) -> dict[str, Any]:
     """queries/s against 100k and 1M gallery embeddings (512-d fp32, k=10): lowlight's
-    `topk_similarity` and `search_topk` above (checked equal to it)."""
-    from lowlight.eval import identification
+    `topk_similarity` with the bf16 screen (its default at these sizes) and with the float32
+    pass alone, and `search_topk` above (checked equal to it), in one process.
+
+    Gallery forms: a `SearchIndex` (`index_gallery`: on the device with its screening copy, as
+    a gallery searched repeatedly is kept), a `jax.Array` (the screening copy is made in the
+    call), and a numpy array (copied to the device in the call too: a one-off search)."""
+    from lowlight.eval import search
 
     rng = np.random.default_rng(0)
     probes = rng.standard_normal((1024, 512)).astype(np.float32)
     probes /= np.linalg.norm(probes, axis=1, keepdims=True)
     out: dict[str, Any] = {"k": 10, "dim": 512, "probes": int(probes.shape[0])}
+    reps = 1 if quick else 2
+
+    def best_of(fn, *args, **kw):
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            r = jax.block_until_ready(fn(*args, **kw))
+            best = min(best, time.perf_counter() - t)
+        return best, r
+
     for g in (100_000, 1_000_000):
         gallery = rng.standard_normal((g, 512)).astype(np.float32)
         gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
         n_probe = 256 if (quick or g == 1_000_000) else 1024
         p = probes[:n_probe]
-        identification.topk_similarity(p[:256], gallery, 10)  # compile
-        t = time.perf_counter()
-        ref_s, ref_i = identification.topk_similarity(p, gallery, 10)
-        # a numpy gallery is copied to the device inside the call (G x 512 x 4 bytes: 2 GB at
-        # 1M): the figure of a one-off search
-        out[f"topk_similarity_host_gallery_q_per_s@{g}"] = n_probe / (time.perf_counter() - t)
-
         gal_dev = jnp.asarray(gallery)
-        # repeated searches keep the gallery on the device (pass the jax.Array): the figure
-        # that compares with search_topk below, whose gallery is on the device too
-        for name, norm in (("topk_similarity", True), ("topk_similarity_unnormalized", False)):
-            best = float("inf")
-            for _ in range(1 if quick else 2):
-                t = time.perf_counter()
-                identification.topk_similarity(p, gal_dev, 10, normalize=norm)
-                best = min(best, time.perf_counter() - t)
-            out[f"{name}_q_per_s@{g}"] = n_probe / best
+        t = time.perf_counter()
+        index = search.index_gallery(gal_dev)
+        out[f"index_gallery_s@{g}"] = time.perf_counter() - t
+        search.topk_similarity(p[:256], index, 10)  # compile both passes
+        search.topk_similarity(p[:256], index, 10, screen=False)
+
+        stats: dict[str, int] = {}
+        dt, (ref_s, ref_i) = best_of(search.topk_similarity, p, index, 10, stats=stats)
+        out[f"topk_similarity_q_per_s@{g}"] = n_probe / dt
+        out[f"screen_fallback_rows@{g}"] = stats["fallback"]
+        for name, gal, kw in (("float32_pass", index, dict(screen=False)),
+                              ("float32_pass_unnormalized", index._replace(norms=None),
+                               dict(screen=False, normalize=False)),
+                              ("device_gallery", gal_dev, {}),
+                              ("host_gallery", gallery, {})):
+            dt, (s, i) = best_of(search.topk_similarity, p, gal, 10, **kw)
+            out[f"topk_similarity_{name}_q_per_s@{g}"] = n_probe / dt
+            if name != "float32_pass_unnormalized":
+                out[f"topk_similarity_{name}_equal@{g}"] = bool(np.array_equal(i, ref_i))
 
         fast = jax.jit(lambda q, gal: search_topk(q, gal, 10))
         jax.block_until_ready(fast(jnp.asarray(p[:256]), gal_dev))
-        best = float("inf")
-        for _ in range(1 if quick else 2):
-            t = time.perf_counter()
-            s, i = jax.block_until_ready(fast(jnp.asarray(p), gal_dev))
-            best = min(best, time.perf_counter() - t)
-        out[f"search_topk_q_per_s@{g}"] = n_probe / best
+        dt, (s, i) = best_of(fast, jnp.asarray(p), gal_dev)
+        out[f"search_topk_q_per_s@{g}"] = n_probe / dt
         out[f"search_topk_equal@{g}"] = bool(np.array_equal(np.asarray(i), ref_i))
-        del gallery, gal_dev
+        del gallery, gal_dev, index
     return out
