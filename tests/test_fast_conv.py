@@ -122,6 +122,7 @@ def test_winograd_is_used_where_measured_faster():
     assert use((32, 56, 56, 64), (3, 3, 64, 64), one, one, 1, pad)
     assert not use((1, 3, 3, 512), (3, 3, 512, 512), one, one, 1, pad)  # 4 tiles
     assert not use((32, 112, 112, 64), (3, 3, 64, 64), one, one, 1, pad)  # 100k tiles
+    assert use((32, 112, 112, 208), (3, 3, 208, 208), one, one, 1, pad)  # wide: any size
     assert not use((32, 14, 14, 256), (3, 3, 256, 256), (2, 2), one, 1, pad)  # strided
     assert not use((32, 14, 14, 256), (3, 3, 256, 256), one, (2, 2), 1, pad)  # dilated
     assert not use((32, 14, 14, 256), (3, 3, 1, 256), one, one, 256, pad)  # depthwise
@@ -143,6 +144,24 @@ def test_chunked_kernel_gradient(monkeypatch):
         f_ref = lambda w, s=stride: jnp.sum(jnp.sin(FC.conv(x, w, strides=s, impl="xla")))
         f = lambda w, s=stride: jnp.sum(jnp.sin(FC.conv(x, w, strides=s, impl="fast")))
         assert _rel(jax.grad(f)(w), jax.grad(f_ref)(w)) < RTOL
+
+
+def test_winograd_in_batch_chunks(monkeypatch):
+    """Large batches run Winograd in chunks of whole images on one device: outputs and both
+    gradients equal XLA's convolution, a last chunk smaller than the others included."""
+    monkeypatch.setattr(FC, "WINO_CHUNK_TILES", 2 * 16)  # 8x8 maps: 16 tiles, 2 images a chunk
+    monkeypatch.setattr(FC, "_multi_device", lambda: False)  # conftest fakes 8 devices
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(5, 8, 8, 64)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 64, 64)) * 0.05, jnp.float32)
+    assert FC._use_winograd(x.shape, w.shape, (1, 1), (1, 1), 1, ((1, 1), (1, 1)))
+    hlo = jax.jit(lambda x: FC._winograd(x, w, ((1, 1), (1, 1)), None)).lower(x).as_text()
+    assert hlo.count("dot_general") == 3 * 16  # chunks of 2, 2, 1 images, 16 matmuls each
+    f_ref = lambda x, w: jnp.sum(jnp.sin(FC.conv(x, w, impl="xla")))  # noqa: E731
+    f = lambda x, w: jnp.sum(jnp.sin(FC.conv(x, w, impl="fast")))  # noqa: E731
+    assert _rel(FC.conv(x, w, impl="fast"), FC.conv(x, w, impl="xla")) < RTOL
+    for a, b in zip(jax.grad(f, (0, 1))(x, w), jax.grad(f_ref, (0, 1))(x, w)):
+        assert _rel(a, b) < RTOL
 
 
 def test_jit_and_bfloat16():

@@ -138,7 +138,15 @@ def _use_winograd(x_shape, w_shape, strides, dilation, groups, padding) -> bool:
     ho = x_shape[1] + padding[0][0] + padding[0][1] - 2
     wo = x_shape[2] + padding[1][0] + padding[1][1] - 2
     tiles = x_shape[0] * (-(-ho // 2)) * (-(-wo // 2))
-    return 16 <= tiles <= 32768
+    return tiles >= 16 and (tiles <= 32768 or min(w_shape[2], w_shape[3]) >= WINO_WIDE)
+
+
+#: Channels from which Winograd pays at any number of tiles (in batch chunks of
+#: WINO_CHUNK_TILES): 208 -> 208 on 112x112 maps 1.5-1.75x XLA's convolution, 64 -> 64 0.55x.
+WINO_WIDE = 192
+#: Tiles per Winograd batch chunk on one device: the 16 transformed planes of a chunk stay
+#: closer to cache (measured 1.1-1.15x over one whole-batch pass at 12k-50k tiles).
+WINO_CHUNK_TILES = 8192
 
 
 def _combine(mat_r, mat_q, terms):
@@ -173,7 +181,22 @@ def _winograd_tiles(x, padding):
 
 def _winograd(x, w, padding, precision):
     """Stride-1 3x3 convolution by Winograd F(2x2, 3x3): 16 matmuls (tile positions x C ->
-    O) on transformed 4x4 tiles, 2.25x fewer multiplications than the direct form."""
+    O) on transformed 4x4 tiles, 2.25x fewer multiplications than the direct form; batches of
+    more than WINO_CHUNK_TILES tiles in chunks of whole images (one device: a sharded batch
+    is split already, and a chunk of consecutive images would sit on one device)."""
+    b = x.shape[0]
+    per_image = (-(-(x.shape[1] + sum(padding[0]) - 2) // 2)) * (-(-(x.shape[2]
+                                                                      + sum(padding[1]) - 2) // 2))
+    n = max(1, WINO_CHUNK_TILES // per_image)
+    if b > n and not _multi_device():
+        # static python loop (unrolled): XLA:CPU runs matmuls in loop bodies without its
+        # library kernels
+        return jnp.concatenate([_winograd_whole(x[i : i + n], w, padding, precision)
+                                for i in range(0, b, n)])
+    return _winograd_whole(x, w, padding, precision)
+
+
+def _winograd_whole(x, w, padding, precision):
     b, o = x.shape[0], w.shape[3]
     v, (ho, wo) = _winograd_tiles(x, padding)  # B^T d B, each (b, th, tw, c)
     th, tw = v[0][0].shape[1], v[0][0].shape[2]
