@@ -150,6 +150,7 @@ def test_winograd_in_batch_chunks(monkeypatch):
     """Large batches run Winograd in chunks of whole images on one device: outputs and both
     gradients equal XLA's convolution, a last chunk smaller than the others included."""
     monkeypatch.setattr(FC, "WINO_CHUNK_TILES", 2 * 16)  # 8x8 maps: 16 tiles, 2 images a chunk
+    monkeypatch.setattr(FC, "WINO_WIDE", 64)  # chunks are for wide layers
     monkeypatch.setattr(FC, "_multi_device", lambda: False)  # conftest fakes 8 devices
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.normal(size=(5, 8, 8, 64)), jnp.float32)
@@ -157,6 +158,9 @@ def test_winograd_in_batch_chunks(monkeypatch):
     assert FC._use_winograd(x.shape, w.shape, (1, 1), (1, 1), 1, ((1, 1), (1, 1)))
     hlo = jax.jit(lambda x: FC._winograd(x, w, ((1, 1), (1, 1)), None)).lower(x).as_text()
     assert hlo.count("dot_general") == 3 * 16  # chunks of 2, 2, 1 images, 16 matmuls each
+    monkeypatch.setattr(FC, "WINO_WIDE", 128)  # a narrower layer: one pass
+    hlo = jax.jit(lambda x: FC._winograd(x, w, ((1, 1), (1, 1)), None)).lower(x).as_text()
+    assert hlo.count("dot_general") == 16
     f_ref = lambda x, w: jnp.sum(jnp.sin(FC.conv(x, w, impl="xla")))  # noqa: E731
     f = lambda x, w: jnp.sum(jnp.sin(FC.conv(x, w, impl="fast")))  # noqa: E731
     assert _rel(FC.conv(x, w, impl="fast"), FC.conv(x, w, impl="xla")) < RTOL

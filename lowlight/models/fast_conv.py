@@ -124,13 +124,24 @@ _WINO_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np
 _WINO_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
 
 
+#: Channels from which Winograd pays at any number of tiles (in batch chunks of
+#: WINO_CHUNK_TILES): 208 -> 208 on 112x112 maps 1.5-1.75x XLA's convolution, 64 -> 64 0.55x.
+WINO_WIDE = 192
+#: Tiles per Winograd batch chunk of a wide layer on one device: the 16 transformed planes of
+#: a chunk stay closer to cache. Relighting net (208 channels, 112x112) at batch 16: 6.8 img/s
+#: without Winograd, 11.3 in one pass, 12.1 in chunks of 8,192 tiles, 13.2 of 4,096 (one image).
+#: Narrower layers run in one pass (iResNet-50: no gain from chunks, within +-3%).
+WINO_CHUNK_TILES = 4096
+
+
 def _use_winograd(x_shape, w_shape, strides, dilation, groups, padding) -> bool:
     """Where F(2x2, 3x3) measured faster than XLA:CPU's convolution on the benchmark machine
     (Zen 5, 2 cores; docs/performance.md): 1.5-1.9x on 56x56x64 and 7x7x512, 1.5x on
     14x14x256 at batch 32, 1.2-1.3x at batch 1; about equal (0.96-1.09x) elsewhere. On one
     core the gain is larger at 14x14 and 28x28 (1.1-1.85x) and nil on 56x56 and larger maps
-    at batch 32. Not used below 16 tiles or above 32k tiles (112x112 maps beyond batch 10),
-    where the transformed tiles (4x the input) would only add memory traffic."""
+    at batch 32. Not used below 16 tiles, nor above 32k tiles (112x112 maps beyond batch 10)
+    unless the layer is wide (WINO_WIDE): on narrower layers the transformed tiles (4x the
+    input) would only add memory traffic."""
     if not (w_shape[:2] == (3, 3) and strides == (1, 1) and dilation == (1, 1) and groups == 1
             and min(w_shape[2], w_shape[3]) >= 64
             and all(p >= 0 for pair in padding for p in pair)):
@@ -139,14 +150,6 @@ def _use_winograd(x_shape, w_shape, strides, dilation, groups, padding) -> bool:
     wo = x_shape[2] + padding[1][0] + padding[1][1] - 2
     tiles = x_shape[0] * (-(-ho // 2)) * (-(-wo // 2))
     return tiles >= 16 and (tiles <= 32768 or min(w_shape[2], w_shape[3]) >= WINO_WIDE)
-
-
-#: Channels from which Winograd pays at any number of tiles (in batch chunks of
-#: WINO_CHUNK_TILES): 208 -> 208 on 112x112 maps 1.5-1.75x XLA's convolution, 64 -> 64 0.55x.
-WINO_WIDE = 192
-#: Tiles per Winograd batch chunk on one device: the 16 transformed planes of a chunk stay
-#: closer to cache (measured 1.1-1.15x over one whole-batch pass at 12k-50k tiles).
-WINO_CHUNK_TILES = 8192
 
 
 def _combine(mat_r, mat_q, terms):
@@ -181,14 +184,15 @@ def _winograd_tiles(x, padding):
 
 def _winograd(x, w, padding, precision):
     """Stride-1 3x3 convolution by Winograd F(2x2, 3x3): 16 matmuls (tile positions x C ->
-    O) on transformed 4x4 tiles, 2.25x fewer multiplications than the direct form; batches of
-    more than WINO_CHUNK_TILES tiles in chunks of whole images (one device: a sharded batch
-    is split already, and a chunk of consecutive images would sit on one device)."""
+    O) on transformed 4x4 tiles, 2.25x fewer multiplications than the direct form. Wide layers
+    with more than WINO_CHUNK_TILES tiles run in chunks of whole images (on one device: a
+    sharded batch is split already, and a chunk of consecutive images would sit on one
+    device)."""
     b = x.shape[0]
     per_image = (-(-(x.shape[1] + sum(padding[0]) - 2) // 2)) * (-(-(x.shape[2]
                                                                       + sum(padding[1]) - 2) // 2))
     n = max(1, WINO_CHUNK_TILES // per_image)
-    if b > n and not _multi_device():
+    if b > n and min(w.shape[2], w.shape[3]) >= WINO_WIDE and not _multi_device():
         # static python loop (unrolled): XLA:CPU runs matmuls in loop bodies without its
         # library kernels
         return jnp.concatenate([_winograd_whole(x[i : i + n], w, padding, precision)
