@@ -263,8 +263,16 @@ class _QuietLibraries(py_logging.Filter):
 
 
 def main(argv: list[str] | None = None, out=None) -> int:
-    """Runs the command line; returns the exit status (0 ok, 2 a problem the user can fix)."""
+    """Runs the command line; returns the exit status (0 ok, 2 a problem the user can fix).
+
+    Run as the program (``argv`` None), it first keeps freed memory for reuse on CPU-only
+    installs (``lowlight.cpu_malloc``: batch-1 inference 1.6x faster with fast_conv)."""
     from absl import logging as absl_logging
+
+    if argv is None:
+        from lowlight import cpu_malloc
+
+        cpu_malloc.apply()
 
     out = sys.stdout if out is None else out
     logger = absl_logging.get_absl_logger()

@@ -373,7 +373,10 @@ def follow(workdir: str, *, poll: float, timeout: float, **sets: str) -> list[in
 
 
 def _cli():
+    from lowlight import cpu_malloc
     from lowlight.config_lib import ConfigError
+
+    cpu_malloc.apply()  # before jax starts XLA's threads (lowlight/cpu_malloc.py says why)
 
     # Flags are defined only when run as a program, so importing this module next to
     # lowlight.main (which also has --workdir) in one process does not clash.

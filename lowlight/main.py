@@ -93,4 +93,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from lowlight import cpu_malloc
+
+    cpu_malloc.apply()  # before jax starts XLA's threads (lowlight/cpu_malloc.py says why)
     app.run(main)

@@ -10,15 +10,12 @@ from __future__ import annotations
 import os
 import sys
 
-#: glibc malloc settings that make freed memory reusable: one arena (XLA's worker threads
-#: otherwise allocate from per-thread arenas, which serve every request above 64 MiB with a
-#: fresh mmap), no mmap for large blocks, and no trimming. Without them every call of a jitted
-#: train step page-faults its multi-GiB temporary buffers anew: measured on iResNet-50 at batch
-#: 32 on one core, 1.0M minor faults (3.8 GiB) and 1.7 s of kernel time in a 10 s step; with
-#: them ~0. PyTorch's eager allocations gain from the same settings (both sides of the
-#: benchmark run in one process, so they share them). Worth setting for CPU training generally.
-MALLOC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-                   "glibc.malloc.trim_threshold=68719476736")
+from lowlight import cpu_malloc
+
+#: glibc malloc settings that make freed memory reusable (lowlight/cpu_malloc.py: what they
+#: change, measured). The benchmark sets them through the environment, for PyTorch's side as
+#: well, since both sides run in one process.
+MALLOC_TUNABLES = cpu_malloc.TUNABLES
 
 
 def reexec_with_malloc_tunables(script: str) -> None:
