@@ -13,9 +13,9 @@ from lowlight import cpu_malloc
 pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
 
-# Allocate (malloc), touch and free a 64 MiB block three times, counting minor page faults of the last
-# two rounds. glibc's defaults mmap such a block afresh each time (16k faults per round);
-# with the settings the freed memory is kept and the next round faults (almost) nothing.
+# Allocate (malloc), touch and free a 64 MiB block three times, counting minor page faults of
+# the last two rounds. glibc's defaults mmap such a block afresh each time (16k faults per
+# round); with the settings the freed memory is kept and the next round faults (almost) nothing.
 _PROBE = """
 import ctypes, resource, sys
 from lowlight import cpu_malloc
