@@ -29,11 +29,12 @@ their top T taken. A per-probe certificate decides whether that is the exact ans
   in any order, for the screen's and for the re-scoring's sums, with room to spare). Every
   entry outside the candidates has screen score <= s^_K (the K-th best), hence float32 score
   <= s^_K + delta(q). If the T-th re-scored score t_T > s^_K + delta(q), no outsider can
-  reach the top T, not even tie it: the
-  re-scored top T *is* the exact top T.
+  reach the top T, not even tie it: the re-scored top T *is* the exact top T.
 
 Rows that fail the certificate are searched again by the exact pass (batched, padded to a power
-of two). Measured on 1M random unit 512-d embeddings with k = 10 (docs/performance.md).
+of two). On 1M random unit 512-d embeddings with k = 10 (no clusters: the hardest case for the
+margin) every probe was certified, at 260 queries/s against 126 for the exact pass alone
+(docs/performance.md).
 """
 
 from __future__ import annotations
