@@ -134,6 +134,17 @@ WINO_WIDE = 192
 WINO_CHUNK_TILES = 4096
 
 
+def _tile_grid(x_shape, padding) -> tuple[int, int, int, int]:
+    """(ho, wo, th, tw): output size of a padded stride-1 3x3 convolution and its 2x2 tiles."""
+    ho = x_shape[1] + padding[0][0] + padding[0][1] - 2
+    wo = x_shape[2] + padding[1][0] + padding[1][1] - 2
+    return ho, wo, -(-ho // 2), -(-wo // 2)
+
+
+def _is_wide(w_shape) -> bool:
+    return min(w_shape[2], w_shape[3]) >= WINO_WIDE
+
+
 def _use_winograd(x_shape, w_shape, strides, dilation, groups, padding) -> bool:
     """Where F(2x2, 3x3) measured faster than XLA:CPU's convolution on the benchmark machine
     (Zen 5, 2 cores; docs/performance.md): 1.5-1.9x on 56x56x64 and 7x7x512, 1.5x on
@@ -146,10 +157,9 @@ def _use_winograd(x_shape, w_shape, strides, dilation, groups, padding) -> bool:
             and min(w_shape[2], w_shape[3]) >= 64
             and all(p >= 0 for pair in padding for p in pair)):
         return False
-    ho = x_shape[1] + padding[0][0] + padding[0][1] - 2
-    wo = x_shape[2] + padding[1][0] + padding[1][1] - 2
-    tiles = x_shape[0] * (-(-ho // 2)) * (-(-wo // 2))
-    return tiles >= 16 and (tiles <= 32768 or min(w_shape[2], w_shape[3]) >= WINO_WIDE)
+    _, _, th, tw = _tile_grid(x_shape, padding)
+    tiles = x_shape[0] * th * tw
+    return tiles >= 16 and (tiles <= 32768 or _is_wide(w_shape))
 
 
 def _combine(mat_r, mat_q, terms):
@@ -173,10 +183,8 @@ def _combine(mat_r, mat_q, terms):
 
 def _winograd_tiles(x, padding):
     """Input tiles transformed, B^T d B: 4x4 nested list of (b, th, tw, c); and (ho, wo)."""
-    b, h, wd, c = x.shape
     (pt, pb), (pl, pr) = padding
-    ho, wo = h + pt + pb - 2, wd + pl + pr - 2
-    th, tw = -(-ho // 2), -(-wo // 2)
+    ho, wo, th, tw = _tile_grid(x.shape, padding)
     xp = jnp.pad(x, ((0, 0), (pt, pb + 2 * th - ho), (pl, pr + 2 * tw - wo), (0, 0)))
     d = [[xp[:, i : i + 2 * th : 2, j : j + 2 * tw : 2] for j in range(4)] for i in range(4)]
     return _combine(_WINO_BT, _WINO_BT, d), (ho, wo)
@@ -189,10 +197,9 @@ def _winograd(x, w, padding, precision):
     sharded batch is split already, and a chunk of consecutive images would sit on one
     device)."""
     b = x.shape[0]
-    per_image = (-(-(x.shape[1] + sum(padding[0]) - 2) // 2)) * (-(-(x.shape[2]
-                                                                      + sum(padding[1]) - 2) // 2))
-    n = max(1, WINO_CHUNK_TILES // per_image)
-    if b > n and min(w.shape[2], w.shape[3]) >= WINO_WIDE and not _multi_device():
+    _, _, th, tw = _tile_grid(x.shape, padding)
+    n = max(1, WINO_CHUNK_TILES // (th * tw))  # whole images per chunk
+    if b > n and _is_wide(w.shape) and not _multi_device():
         # static python loop (unrolled): XLA:CPU runs matmuls in loop bodies without its
         # library kernels
         return jnp.concatenate([_winograd_whole(x[i : i + n], w, padding, precision)
