@@ -212,7 +212,10 @@ def _lowlight_pipeline(conv_impl, timer) -> Side:
 # --------------------------------------------------------------------------------------------
 # PyTorch side
 # --------------------------------------------------------------------------------------------
-def torch_side(name: str, *, train_batch: int) -> Side:
+def torch_side(name: str, *, train_batch: int, frozen_convs: bool = False) -> Side:
+    """The PyTorch twin of `name`. `frozen_convs` turns off the convolution kernels' gradients
+    (autograd then skips computing them): `tools/_bench_ablate.py` uses it to measure what
+    those gradients cost PyTorch."""
     import _bench_torch as T
     import torch
     import torch.nn.functional as F
@@ -229,6 +232,10 @@ def torch_side(name: str, *, train_batch: int) -> Side:
         "pipeline": lambda: T.Pipeline((3, 4, 14, 3)),
     }
     model = builders[name]()
+    if frozen_convs:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d):
+                m.weight.requires_grad_(False)
     channels_last = name != "vit_s"
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)

@@ -67,7 +67,10 @@ CONV_IMPLS: tuple[str, ...] = ("auto", "xla", "fast")
 _DN = ("NHWC", "HWIO", "NHWC")
 #: Target bytes of one wgrad chunk's input activations (at least one image per chunk).
 #: Measured on one Zen 5 core (1 MiB L2) at batch 32: 400-800 KiB chunks ran the kernel
-#: gradient 1.2-3x faster than the whole batch at once (docs/performance.md).
+#: gradient 1.2-3x faster than the whole batch at once (docs/performance.md). Re-checked
+#: inside the iResNet-50 train step: targets of 128 KiB-1 MiB were equal; whole batches up to
+#: 8 / 16 MiB were 6% / 11% slower. Alone, a layer's operands stay in L3 between calls, so
+#: some single-layer figures disagree with the model.
 _WGRAD_CHUNK_BYTES = 512 << 10
 #: Below this many bytes of input activations the kernel gradient is one op.
 _WGRAD_WHOLE_BATCH_BYTES = 2 << 20

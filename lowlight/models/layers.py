@@ -15,9 +15,11 @@ What lives here and why:
     `params`, not trained, not weight-decayed) and behaves as scale 1; bias trainable.
   * `batch_norm_act` / `BatchNormAct` / `bn_act` — BatchNorm followed by PReLU, ReLU6, ReLU or
     nothing, with a hand-written `jax.custom_vjp` for train mode. Why: on XLA:CPU, after
-    `fast_conv`, the iResNet-50 train step spent ~54% of its time in memory-bound passes that
-    `nn.BatchNorm` + activation and their automatic derivative make as separate elementwise and
-    reduction ops (docs/performance.md). The closed-form backward
+    `fast_conv`, XLA's per-op profile charged ~54% of the iResNet-50 train step to memory-bound
+    passes that `nn.BatchNorm` + activation and their automatic derivative make as separate
+    elementwise and reduction ops. A later whole-step ablation (`tools/_bench_ablate.py`,
+    docs/performance.md) found the fused backward costs only 5-8% of the step. The closed-form
+    backward
         g = dy * act'(h),  dbias = sum(g),  dscale = sum(g * x̂),
         dx = scale * rstd * (g - dbias / n - x̂ * dscale / n)
     (plus the cotangents of the returned batch statistics) saves only x and per-channel vectors
