@@ -22,10 +22,12 @@ model is timed in the same rounds with and without its convolution kernels' grad
 variant also skips those weights' optimizer update, whereas lowlight's stand-in still updates
 them from zero gradients (tens of ms on iResNet-50).
 
-Each stand-in depends on the incoming gradient through one scalar, so XLA cannot fold the
-rest of the backward away. The difference to "full" is then what that part costs inside the
-model, memory traffic and lost concurrency included. The variants are timed alternately in one
-process (best of --rounds). The stand-ins give wrong gradients: this measures cost only.
+Each stand-in keeps a dependency on the incoming gradient, so XLA cannot drop the rest of the
+backward: the BatchNorm one passes it through, the convolution ones read one element of it, and
+the depthwise kernels' gradient is cut (`stop_gradient`) after their input gradient is formed.
+The difference to "full" is then what that part costs inside the model, memory traffic and
+lost concurrency included. The variants are timed alternately in one process (best of
+--rounds). The stand-ins give wrong gradients: this measures cost only.
 
     python tools/_bench_ablate.py [--model iresnet50] [--bn_impl fast] [--rounds 3]
 """
