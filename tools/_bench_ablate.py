@@ -103,14 +103,6 @@ def _patched(variant: str):
         L._bn_act.defvjp(L._bn_act_fwd, L._bn_act_bwd)
 
 
-@contextlib.contextmanager
-def _no_timer():
-    class _T:
-        seconds = 0.0
-
-    yield _T
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="iresnet50",
@@ -123,6 +115,7 @@ def main():
     E.reexec_with_malloc_tunables(__file__)
     E.pin_threads(args.threads)
     import _bench_models as M
+    from bench import Clock
 
     steps = {}
     try:
@@ -136,7 +129,7 @@ def main():
     for variant in VARIANTS:
         with _patched(variant):  # patched while the step is traced and compiled
             side = M.lowlight_side(args.model, train_batch=args.train_batch, conv_impl="fast",
-                                   timer=_no_timer, bn_impl=args.bn_impl or None)
+                                   timer=Clock("wall").timer, bn_impl=args.bn_impl or None)
         steps[variant] = side.train_step
     best = dict.fromkeys(steps, float("inf"))
     for _ in range(args.rounds):
