@@ -271,14 +271,22 @@ def test_conv_transpose_matches_nn_conv_transpose(k, s, pad):
         assert _rel(a, b) < RTOL
 
 
-@pytest.mark.parametrize("name,kw", [("unet", {"width": 0.125}),
-                                     ("relight", {"width": 16}),
-                                     ("iresnet18", {"embed_dim": 32, "widths": (16, 32, 64, 128)}),
-                                     ("mobilenetv2", {"alpha": 0.5, "attention": "se"})])
-def test_whole_models_match_xla_outputs_and_gradients(name, kw):
+@pytest.mark.parametrize("name,kw,one_device", [
+    ("unet", {"width": 0.125}, False),
+    ("relight", {"width": 16}, False),
+    ("iresnet18", {"embed_dim": 32, "widths": (16, 32, 64, 128)}, False),
+    # one device: batch-chunked paths and the compiled kernel-gradient kernel (cpu_kernels)
+    ("iresnet18", {"embed_dim": 32, "widths": (16, 32, 64, 128)}, True),
+    ("mobilenetv2", {"alpha": 0.5, "attention": "se"}, False)])
+def test_whole_models_match_xla_outputs_and_gradients(name, kw, one_device, monkeypatch):
     """Every model that threads `conv_impl`: the same parameter tree, and outputs and
     parameter gradients in train mode equal to the nn.Conv model's to float32 rounding."""
     from lowlight import models
+    from lowlight.models import cpu_kernels
+
+    if one_device:
+        monkeypatch.setattr(FC, "_multi_device", lambda: False)  # conftest fakes 8 devices
+        cpu_kernels.wgrad_stats()
 
     # big enough that train-mode BatchNorm of the last stage sees >= 16 values per channel
     # (over fewer, its normalisation amplifies rounding differences by cancellation)
@@ -310,6 +318,8 @@ def test_whole_models_match_xla_outputs_and_gradients(name, kw):
     got, want = (jax.flatten_util.ravel_pytree(jax.grad(lambda p, m=m: loss(m, p))(v["params"]))[0]
                  for m in (fast, ref))
     assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 10 * RTOL
+    if one_device:  # the 16 3x3 convolutions of the blocks (not the 3-channel stem)
+        assert cpu_kernels.wgrad_stats()["calls"] == 16
 
 
 def test_symbolic_batch_exports_through_xla_convolution():

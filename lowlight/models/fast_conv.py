@@ -58,6 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lowlight.models import cpu_kernels
+
 #: Values `conv_impl` may take in the models that thread it through. "auto" is "fast" when
 #: the default backend is the CPU (where it was measured faster) and "xla" elsewhere (GPU/TPU
 #: convolution libraries differentiate convolutions well; per-image kernel-gradient ops would
@@ -331,6 +333,11 @@ def _wgrad(x, dy, w_shape, w_dtype, strides, padding, dilation, groups, precisio
         xs = x[:, :: strides[0], :: strides[1], :]
         g = lax.dot_general(xs, dy, (((0, 1, 2), (0, 1, 2)), ((), ())), precision=precision)
         return g.reshape(w_shape).astype(w_dtype)
+
+    if (not _multi_device() and jax.default_backend() == "cpu"
+            and cpu_kernels.wgrad_supported(x.shape, dy.shape, w_shape, x.dtype, strides,
+                                            padding, dilation, groups)):
+        return cpu_kernels.conv_wgrad(x, dy, w_shape, strides, padding).astype(w_dtype)
 
     def one(xc, dyc):
         _, vjp = jax.vjp(lambda w: _xla_conv(xc, w, strides, padding, dilation, groups,

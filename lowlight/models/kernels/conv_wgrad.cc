@@ -1,0 +1,255 @@
+// Kernel gradient of a 2-D NHWC convolution on the CPU, as an XLA FFI custom call.
+//
+// Why: inside an iResNet-50 train step on XLA:CPU (jax 0.10) the kernel gradients cost
+// 1.55-1.61 s of a 4.0 s step against 1.16 s for PyTorch's oneDNN (docs/performance.md,
+// "Ablation"); without them the two frameworks run the step in the same time. XLA runs the
+// kernel gradient as a convolution whose operands it first transposes, and every JAX-level
+// rewrite (im2col matmuls, Winograd, batch chunks) wrote and re-read the operands several
+// times, which lost inside the model. This kernel reads each operand in place, once per
+// cache block:
+//
+//   dW[ky, kx, ci, co] = sum over output pixels p = (n, oy, ox) of
+//                        x[n, oy*sh + ky - pt, ox*sw + kx - pl, ci] * dy[n, oy, ox, co]
+//
+// is a matrix product over the output pixels (M = KH*KW*CI rows, CO columns). The register
+// tile is NV vectors of input channels (contiguous in x for a fixed pixel and tap) by NR
+// output channels (broadcast from dy's row): NV loads and NR broadcasts feed NV*NR fused
+// multiply-adds per pixel, and out-of-image taps are skipped by clipping each output row's
+// pixel range instead of padding. Output pixels are split into chunks of whole output rows
+// whose input rows fit in L2; chunks are claimed by the calling thread and by helpers
+// scheduled on XLA's own intra-op thread pool, each accumulating into its own buffer
+// (no locks; summed at the end, so results do not depend on which thread took which chunk
+// only up to float32 summation order).
+//
+// Requirements checked by the Python side (lowlight/models/cpu_kernels.py): float32, no
+// dilation or groups, CI a multiple of the vector width. Everything else keeps XLA's path.
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kVW = 16;  // floats per vector register
+constexpr int kNR = 12;  // output channels per register tile (2 x 12 accumulators of 32)
+#elif defined(__AVX__)
+constexpr int kVW = 8;
+constexpr int kNR = 6;  // 2 x 6 accumulators of 16 ymm registers
+#else
+constexpr int kVW = 4;
+constexpr int kNR = 6;
+#endif
+constexpr int kNV = 2;  // vectors of input channels per register tile
+
+typedef float vf __attribute__((vector_size(kVW * 4), aligned(4)));
+
+// Counters for benchmarks (tools/_bench_wgrad.py): calls, nanoseconds inside the handler,
+// chunks taken by the calling thread and by helpers.
+std::atomic<int64_t> g_calls{0}, g_ns{0}, g_caller_chunks{0}, g_helper_chunks{0};
+
+struct Geometry {
+  int64_t n, h, w, ci, oh, ow, co, kh, kw, sh, sw, pt, pl;
+  int64_t m() const { return kh * kw * ci; }
+};
+
+// acc[c][m] (row stride g.m()) += sum over output rows [r0, r1) for output channels
+// [c0, c0 + NR) and rows m of tap (ky, kx), input channels [v0, v0 + NV * kVW).
+template <int NR, int NV>
+inline void tile(const Geometry& g, const float* x, const float* dy, int64_t r0, int64_t r1,
+                 int64_t c0, int64_t ky, int64_t kx, int64_t v0, float* acc) {
+  vf a[NR][NV];
+  for (int j = 0; j < NR; ++j)
+    for (int v = 0; v < NV; ++v) a[j][v] = vf{};
+  // Output columns whose input column ix = ox*sw + kx - pl lies in [0, w).
+  const int64_t off = kx - g.pl;
+  int64_t lo = off >= 0 ? 0 : (-off + g.sw - 1) / g.sw;
+  int64_t hi = (g.w - 1 - off) >= 0 ? (g.w - 1 - off) / g.sw + 1 : 0;
+  hi = std::min(hi, g.ow);
+  const int64_t xstep = g.sw * g.ci;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / g.oh, oy = r % g.oh;
+    const int64_t iy = oy * g.sh + ky - g.pt;
+    if (iy < 0 || iy >= g.h || lo >= hi) continue;
+    const float* xp = x + ((b * g.h + iy) * g.w + lo * g.sw + off) * g.ci + v0;
+    const float* dp = dy + (r * g.ow + lo) * g.co + c0;
+    for (int64_t ox = lo; ox < hi; ++ox, xp += xstep, dp += g.co) {
+      vf xv[NV];
+      for (int v = 0; v < NV; ++v) xv[v] = *reinterpret_cast<const vf*>(xp + v * kVW);
+      for (int j = 0; j < NR; ++j) {
+        const float d = dp[j];
+        for (int v = 0; v < NV; ++v) a[j][v] += xv[v] * d;
+      }
+    }
+  }
+  const int64_t m0 = (ky * g.kw + kx) * g.ci + v0;
+  for (int j = 0; j < NR; ++j) {
+    float* out = acc + (c0 + j) * g.m() + m0;
+    for (int v = 0; v < NV; ++v) {
+      vf* o = reinterpret_cast<vf*>(out + v * kVW);
+      *o += a[j][v];
+    }
+  }
+}
+
+template <int NV>
+void tile_nr(int nr, const Geometry& g, const float* x, const float* dy, int64_t r0, int64_t r1,
+             int64_t c0, int64_t ky, int64_t kx, int64_t v0, float* acc) {
+  switch (nr) {
+#define LOWLIGHT_NR(k) \
+  case k:              \
+    return tile<(k <= kNR ? k : kNR), NV>(g, x, dy, r0, r1, c0, ky, kx, v0, acc);
+    LOWLIGHT_NR(1) LOWLIGHT_NR(2) LOWLIGHT_NR(3) LOWLIGHT_NR(4) LOWLIGHT_NR(5) LOWLIGHT_NR(6)
+    LOWLIGHT_NR(7) LOWLIGHT_NR(8) LOWLIGHT_NR(9) LOWLIGHT_NR(10) LOWLIGHT_NR(11) LOWLIGHT_NR(12)
+#undef LOWLIGHT_NR
+    default:
+      return;
+  }
+}
+
+// Output rows [r0, r1) into acc ([co][m]).
+void chunk(const Geometry& g, const float* x, const float* dy, int64_t r0, int64_t r1,
+           float* acc) {
+  for (int64_t c0 = 0; c0 < g.co; c0 += kNR) {
+    const int nr = static_cast<int>(std::min<int64_t>(kNR, g.co - c0));
+    for (int64_t ky = 0; ky < g.kh; ++ky)
+      for (int64_t kx = 0; kx < g.kw; ++kx) {
+        int64_t v0 = 0;
+        for (; v0 + kNV * kVW <= g.ci; v0 += kNV * kVW)
+          tile_nr<kNV>(nr, g, x, dy, r0, r1, c0, ky, kx, v0, acc);
+        for (; v0 < g.ci; v0 += kVW) tile_nr<1>(nr, g, x, dy, r0, r1, c0, ky, kx, v0, acc);
+      }
+  }
+}
+
+// Work shared between the calling thread and its helpers; owned jointly (a helper may start
+// after the caller has returned, find no chunk left, and must still see valid memory).
+struct Job {
+  Geometry g;
+  const float* x;
+  const float* dy;
+  int64_t rows_per_chunk, num_chunks, workers;
+  std::vector<std::unique_ptr<float[]>> acc;  // one [co][m] buffer per worker
+  std::atomic<int64_t> next{0}, done{0}, worker_ids{0};
+
+  void run(bool caller) {
+    const int64_t id = worker_ids.fetch_add(1);
+    if (id >= workers) return;
+    float* mine = nullptr;
+    for (int64_t c; (c = next.fetch_add(1)) < num_chunks;) {
+      if (mine == nullptr) {
+        const size_t sz = static_cast<size_t>(g.co * g.m());
+        acc[id].reset(new float[sz]());
+        mine = acc[id].get();
+      }
+      const int64_t r0 = c * rows_per_chunk;
+      const int64_t r1 = std::min(r0 + rows_per_chunk, g.n * g.oh);
+      chunk(g, x, dy, r0, r1, mine);
+      (caller ? g_caller_chunks : g_helper_chunks).fetch_add(1, std::memory_order_relaxed);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error ConvWgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                         ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
+                         int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_left,
+                         int64_t chunk_bytes, int64_t max_workers) {
+  const auto t0 = std::chrono::steady_clock::now();
+  auto xd = x.dimensions(), yd = dy.dimensions(), wd = dw->dimensions();
+  if (xd.size() != 4 || yd.size() != 4 || wd.size() != 4)
+    return ffi::Error::InvalidArgument("lowlight_conv_wgrad: x, dy and dw must be 4-D");
+  Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], wd[0], wd[1],
+             stride_h, stride_w, pad_top, pad_left};
+  if (yd[0] != g.n || wd[2] != g.ci || wd[3] != g.co)
+    return ffi::Error::InvalidArgument("lowlight_conv_wgrad: x (N,H,W,CI), dy (N,OH,OW,CO) and "
+                                       "dw (KH,KW,CI,CO) disagree");
+  if (g.ci % kVW != 0)
+    return ffi::Error::InvalidArgument("lowlight_conv_wgrad: input channels must be a multiple "
+                                       "of the vector width");
+  const int64_t m = g.m();
+  float* out = dw->typed_data();
+  const int64_t rows = g.n * g.oh;
+  if (rows == 0 || g.co == 0 || m == 0) {
+    std::fill(out, out + m * g.co, 0.0f);
+    return ffi::Error::Success();
+  }
+  // Rows per chunk: the input rows a chunk reads (sh rows per output row, plus the kernel's
+  // extent) and its dy rows in about chunk_bytes.
+  const int64_t row_bytes = (g.sh * g.w * g.ci + g.ow * g.co) * 4;
+  int64_t rpc = std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(row_bytes, 1));
+  auto job = std::make_shared<Job>();
+  job->g = g;
+  job->x = x.typed_data();
+  job->dy = dy.typed_data();
+  // max_workers <= 0: as many as XLA's intra-op pool has threads.
+  int64_t workers = pool.num_threads();
+  if (max_workers > 0) workers = std::min(workers, max_workers);
+  workers = std::max<int64_t>(1, workers);
+  // At least two chunks per worker so that an idle helper can take over.
+  rpc = std::min(rpc, std::max<int64_t>(1, rows / (2 * workers)));
+  job->rows_per_chunk = rpc;
+  job->num_chunks = (rows + rpc - 1) / rpc;
+  workers = std::min(workers, job->num_chunks);
+  job->workers = workers;
+  job->acc.resize(workers);
+  for (int64_t i = 1; i < workers; ++i) pool.Schedule([job] { job->run(false); });
+  job->run(true);
+  while (job->done.load(std::memory_order_acquire) < job->num_chunks) std::this_thread::yield();
+  // dw[m][c] = sum over workers of acc[c][m].
+  std::vector<const float*> parts;
+  for (auto& a : job->acc)
+    if (a) parts.push_back(a.get());
+  constexpr int64_t kB = 32;  // transpose in blocks that stay in L1
+  for (int64_t m0 = 0; m0 < m; m0 += kB)
+    for (int64_t c0 = 0; c0 < g.co; c0 += kB) {
+      const int64_t m1 = std::min(m0 + kB, m), c1 = std::min(c0 + kB, g.co);
+      for (int64_t i = m0; i < m1; ++i)
+        for (int64_t c = c0; c < c1; ++c) {
+          float s = 0.0f;
+          for (const float* p : parts) s += p[c * m + i];
+          out[i * g.co + c] = s;
+        }
+    }
+  g_calls.fetch_add(1, std::memory_order_relaxed);
+  g_ns.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                     std::chrono::steady_clock::now() - t0).count(),
+                 std::memory_order_relaxed);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowlightConvWgradF32, ConvWgradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride_h")
+                                  .Attr<int64_t>("stride_w")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("chunk_bytes")
+                                  .Attr<int64_t>("max_workers"));
+
+extern "C" int lowlight_kernels_vector_width() { return kVW; }
+
+// out[0..3] = calls, nanoseconds in the handler, chunks by callers, chunks by helpers; then
+// the counters restart from zero.
+extern "C" void lowlight_kernels_wgrad_stats(int64_t* out) {
+  out[0] = g_calls.exchange(0);
+  out[1] = g_ns.exchange(0);
+  out[2] = g_caller_chunks.exchange(0);
+  out[3] = g_helper_chunks.exchange(0);
+}

@@ -1,0 +1,197 @@
+"""cpu_kernels: the compiled kernel-gradient kernel (kernels/conv_wgrad.cc).
+
+References: a float64 numpy direct sum over taps (independent of XLA) and XLA's automatic
+derivative of `lax.conv_general_dilated`. Geometries cover the kernel's remainder paths (output
+channels not a multiple of the register tile, input channels an odd number of vectors), strides,
+asymmetric and "VALID" paddings whose output does not cover the input, kernels larger than the
+map, many work chunks over both threads, and the fallbacks (disabled, no compiler, a failed
+compile), which must keep XLA's path and say why.
+"""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from lowlight.models import cpu_kernels as CK
+from lowlight.models import fast_conv as FC
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def _numpy_wgrad(x, dy, kh, kw, strides, pads):
+    """dW[i, j] = sum_{n,oy,ox} xpad[n, oy*sh + i, ox*sw + j, :] (x) dy[n, oy, ox, :]."""
+    x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    (sh, sw), ((pt, _), (pl, _)) = strides, pads
+    _, oh, ow, co = dy.shape
+    xp = np.pad(x, ((0, 0), (pt, kh + sh), (pl, kw + sw), (0, 0)))  # generous zeros below/right
+    dw = np.zeros((kh, kw, x.shape[-1], co))
+    for i in range(kh):
+        for j in range(kw):
+            patch = xp[:, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw]
+            dw[i, j] = np.einsum("nhwc,nhwo->co", patch, dy)
+    return dw
+
+
+def _xla_wgrad(x, dy, w_shape, strides, pads):
+    def f(w):
+        return lax.conv_general_dilated(x, w, strides, pads,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=lax.Precision.HIGHEST)
+
+    return jax.vjp(f, jnp.zeros(w_shape, jnp.float32))[1](dy)[0]
+
+
+def test_kernels_build_and_load_here():
+    assert CK.available(), CK.unavailable_reason()
+    assert CK.vector_width() in (4, 8, 16)
+    assert CK.cache_dir().is_dir()
+
+
+# (batch, H, W, C_in in vectors, C_out, (kh, kw), (sh, sw), padding)
+CASES = [
+    (2, 9, 9, 2, 13, (3, 3), (1, 1), ((1, 1), (1, 1))),  # 13 = a full tile of 12 and 1
+    (3, 10, 7, 1, 24, (3, 3), (2, 2), ((0, 1), (1, 1))),  # "SAME" at stride 2 pads (0, 1)
+    (1, 11, 11, 3, 5, (5, 5), (3, 3), ((2, 1), (0, 2))),  # 3 vectors: tiles of 2 and 1
+    (2, 8, 8, 2, 12, (1, 1), (2, 2), ((0, 0), (0, 0))),  # strided 1x1 shortcut
+    (2, 6, 9, 2, 7, (3, 1), (1, 2), ((1, 1), (0, 0))),  # non-square kernel, unequal strides
+    (1, 4, 4, 1, 3, (5, 5), (1, 1), ((2, 2), (2, 2))),  # kernel larger than the map
+    (2, 10, 10, 1, 8, (3, 3), (2, 2), ((0, 0), (0, 0))),  # VALID: the last row is never read
+    (2, 5, 6, 1, 4, (3, 3), (1, 1), ((3, 0), (0, 3))),  # taps entirely outside some rows
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}h{}w{}v{}o{}k{}s{}p{}".format(*c))
+def test_kernel_gradient_matches_numpy_and_xla(case):
+    b, h, w, nv, co, (kh, kw), strides, pads = case
+    ci = nv * CK.vector_width()
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(b, h, w, ci)), jnp.float32)
+    oh = (h + sum(pads[0]) - kh) // strides[0] + 1
+    ow = (w + sum(pads[1]) - kw) // strides[1] + 1
+    dy = jnp.asarray(rng.normal(size=(b, oh, ow, co)), jnp.float32)
+    w_shape = (kh, kw, ci, co)
+    got = jax.jit(lambda x, dy: CK.conv_wgrad(x, dy, w_shape, strides, pads))(x, dy)
+    assert got.shape == w_shape and got.dtype == jnp.float32
+    assert _rel(got, _numpy_wgrad(x, dy, kh, kw, strides, pads)) < 1e-5
+    assert _rel(got, _xla_wgrad(x, dy, w_shape, strides, pads)) < 1e-5
+
+
+def test_many_chunks_on_both_threads_and_one(monkeypatch):
+    """Rows split into many chunks (tiny chunk size) taken by the caller and a helper thread,
+    and by one thread only: the same gradient up to float32 summation order."""
+    ci = 2 * CK.vector_width()
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(4, 28, 28, ci)), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(4, 28, 28, 40)), jnp.float32)
+    pads, w_shape = ((1, 1), (1, 1)), (3, 3, ci, 40)
+    monkeypatch.setattr(CK, "WGRAD_CHUNK_BYTES", 1)  # one output row per chunk: 112 chunks
+    want = _numpy_wgrad(x, dy, 3, 3, (1, 1), pads)
+    CK.wgrad_stats()
+    for workers in (0, 1):
+        got = jax.jit(lambda x, dy, n=workers: CK.conv_wgrad(x, dy, w_shape, (1, 1), pads, n))(
+            x, dy)
+        assert _rel(got, want) < 1e-5
+    stats = CK.wgrad_stats()
+    assert stats["calls"] == 2
+    assert stats["caller_chunks"] + stats["helper_chunks"] == 2 * 4 * 28
+
+
+def test_per_example_gradients_under_vmap():
+    ci = CK.vector_width()
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(3, 6, 6, ci)), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(3, 6, 6, 5)), jnp.float32)
+    pads = ((1, 1), (1, 1))
+    got = jax.vmap(lambda a, b: CK.conv_wgrad(a[None], b[None], (3, 3, ci, 5), (1, 1), pads))(
+        x, dy)
+    for i in range(3):
+        assert _rel(got[i], _numpy_wgrad(x[i : i + 1], dy[i : i + 1], 3, 3, (1, 1), pads)) < 1e-5
+
+
+def test_kernel_rejects_channels_it_cannot_vectorise():
+    x = jnp.ones((1, 5, 5, 3), jnp.float32)
+    dy = jnp.ones((1, 5, 5, 4), jnp.float32)
+    with pytest.raises(Exception, match="multiple of the vector width"):
+        jax.block_until_ready(CK.conv_wgrad(x, dy, (3, 3, 3, 4), (1, 1), ((1, 1), (1, 1))))
+    assert not CK.wgrad_supported((1, 5, 5, 3), (1, 5, 5, 4), (3, 3, 3, 4), jnp.float32,
+                                  (1, 1), ((1, 1), (1, 1)), (1, 1), 1)
+
+
+def test_fast_conv_uses_the_kernel_on_one_device(monkeypatch):
+    """fast_conv's backward calls the kernel where it applies (one device, float32, no
+    groups or dilation) and keeps XLA's path elsewhere; both give XLA's gradient."""
+    monkeypatch.setattr(FC, "_multi_device", lambda: False)  # conftest fakes 8 devices
+    ci = CK.vector_width()
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 9, 9, ci)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, ci, 6)) * 0.1, jnp.float32)
+
+    def grad(impl, w, **kw):
+        f = lambda w: jnp.sum(jnp.sin(FC.conv(x, w, impl=impl, **kw)))  # noqa: E731
+        return jax.block_until_ready(jax.jit(jax.grad(f))(w))  # the counters need it done
+
+    for stride in (1, 2):
+        CK.wgrad_stats()
+        got = grad("fast", w, strides=stride)
+        assert CK.wgrad_stats()["calls"] == 1
+        assert _rel(got, grad("xla", w, strides=stride)) < 1e-4
+    # bfloat16 and dilated convolutions keep XLA's kernel gradient
+    CK.wgrad_stats()
+    grad("fast", w, dilation=2)
+    f = lambda w: jnp.sum(FC.conv(x.astype(jnp.bfloat16), w, impl="fast"))  # noqa: E731
+    jax.block_until_ready(jax.jit(jax.grad(f))(w.astype(jnp.bfloat16)))
+    assert CK.wgrad_stats()["calls"] == 0
+
+
+def test_disabled_by_environment():
+    code = ("from lowlight.models import cpu_kernels as CK; "
+            "print(CK.available(), CK.unavailable_reason())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**__import__("os").environ, "LOWLIGHT_CPU_KERNELS": "0"},
+                         check=True)
+    assert out.stdout.strip() == "False disabled by LOWLIGHT_CPU_KERNELS"
+    assert "using XLA's kernel gradient instead" in out.stderr
+
+
+def test_no_compiler_or_failed_compile_falls_back_with_the_reason(monkeypatch, tmp_path):
+    monkeypatch.setattr(CK, "_state", {})
+    monkeypatch.setattr(CK, "_compiler", lambda: None)
+    assert not CK.available()
+    assert "no C++ compiler" in CK.unavailable_reason()
+    assert not CK.wgrad_supported((1, 5, 5, 16), (1, 5, 5, 4), (3, 3, 16, 4), jnp.float32,
+                                  (1, 1), ((1, 1), (1, 1)), (1, 1), 1)
+    # fast_conv still differentiates (XLA's path)
+    monkeypatch.setattr(FC, "_multi_device", lambda: False)
+    x = jnp.ones((1, 5, 5, 16), jnp.float32)
+    g = jax.grad(lambda w: jnp.sum(FC.conv(x, w, impl="fast")))(jnp.ones((3, 3, 16, 4)))
+    assert _rel(g, _numpy_wgrad(x, np.ones((1, 5, 5, 4)), 3, 3, (1, 1), ((1, 1),) * 2)) < 1e-5
+
+    bad = tmp_path / "bad.cc"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setattr(CK, "_state", {})
+    monkeypatch.setattr(CK, "_SOURCE", bad)
+    monkeypatch.setattr(CK, "_compiler", lambda: "g++")
+    monkeypatch.setenv("LOWLIGHT_KERNEL_CACHE", str(tmp_path / "cache"))
+    assert not CK.available()
+    assert "failed" in CK.unavailable_reason() and "bad.cc" in CK.unavailable_reason()
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-written library left
+
+
+def test_built_library_is_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("LOWLIGHT_KERNEL_CACHE", str(tmp_path))
+    first = CK._build(CK._compiler())
+    assert first.parent == tmp_path and first.stat().st_size > 0
+
+    def no_compile(*a, **k):
+        raise AssertionError("recompiled although the library is cached")
+
+    monkeypatch.setattr(CK.subprocess, "run", no_compile)
+    assert CK._build(CK._compiler()) == first
