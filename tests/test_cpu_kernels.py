@@ -177,7 +177,7 @@ def test_no_compiler_or_failed_compile_falls_back_with_the_reason(monkeypatch, t
     bad = tmp_path / "bad.cc"
     bad.write_text("this is not C++\n")
     monkeypatch.setattr(CK, "_state", {})
-    monkeypatch.setattr(CK, "_SOURCE", bad)
+    monkeypatch.setattr(CK, "_SOURCES", (bad,))
     monkeypatch.setattr(CK, "_compiler", lambda: "g++")
     monkeypatch.setenv("LOWLIGHT_KERNEL_CACHE", str(tmp_path / "cache"))
     assert not CK.available()
@@ -195,3 +195,73 @@ def test_built_library_is_cached(monkeypatch, tmp_path):
 
     monkeypatch.setattr(CK.subprocess, "run", no_compile)
     assert CK._build(CK._compiler()) == first
+
+
+def _numpy_depthwise_grads(x, w, dy, strides, pads):
+    """dx and dw of y[n, oy, ox, c] = sum_taps xpad[n, oy*sh + i, ox*sw + j, c] * w[i, j, 0, c],
+    by the same tap loop as `_numpy_wgrad` (float64)."""
+    x, w, dy = (np.asarray(a, np.float64) for a in (x, w, dy))
+    (sh, sw), ((pt, _), (pl, _)) = strides, pads
+    kh, kw = w.shape[:2]
+    n, h, wd, c = x.shape
+    _, oh, ow, _ = dy.shape
+    xp = np.pad(x, ((0, 0), (pt, kh + sh), (pl, kw + sw), (0, 0)))
+    dxp = np.zeros_like(xp)
+    dw = np.zeros_like(w)
+    for i in range(kh):
+        for j in range(kw):
+            win = (slice(None), slice(i, i + sh * (oh - 1) + 1, sh),
+                   slice(j, j + sw * (ow - 1) + 1, sw))
+            dw[i, j, 0] = np.einsum("nhwc,nhwc->c", xp[win], dy)
+            dxp[win] += dy * w[i, j, 0]
+    return dxp[:, pt : pt + h, pl : pl + wd], dw
+
+
+# (batch, H, W, C, kernel, stride, padding): C covers full 4-vector blocks, single vectors and
+# a scalar tail
+DEPTHWISE_CASES = [
+    (2, 9, 9, 4 * 16 + 16 + 5, 3, 1, ((1, 1), (1, 1))),
+    (3, 10, 7, 16, 3, 2, ((0, 1), (1, 1))),
+    (2, 11, 11, 7, 5, 3, ((2, 1), (0, 2))),
+    (1, 4, 4, 40, 5, 1, ((2, 2), (2, 2))),
+    (2, 8, 8, 144, 3, 2, ((1, 1), (1, 1))),  # MobileNetV2's stride-2 depthwise
+]
+
+
+@pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=lambda c: "b{}h{}w{}c{}k{}s{}p{}".format(*c))
+def test_depthwise_gradients_match_numpy_and_autodiff(case):
+    b, h, w, c, k, s, pads = case
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(b, h, w, c)), jnp.float32)
+    kern = jnp.asarray(rng.normal(size=(k, k, 1, c)), jnp.float32)
+    y = FC._depthwise_sum(x, kern, (s, s), pads, (1, 1))
+    dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    dx, dw = jax.jit(lambda x, kern, dy: CK.depthwise_bwd(x, kern, dy, (s, s), pads))(x, kern, dy)
+    want_dx, want_dw = _numpy_depthwise_grads(x, kern, dy, (s, s), pads)
+    assert _rel(dx, want_dx) < 1e-5 and _rel(dw, want_dw) < 1e-5
+    auto_dx, auto_dw = jax.vjp(lambda x, kern: FC._depthwise_sum(x, kern, (s, s), pads, (1, 1)),
+                               x, kern)[1](dy)
+    assert _rel(dx, auto_dx) < 1e-5 and _rel(dw, auto_dw) < 1e-5
+    one = jax.jit(lambda x, kern, dy: CK.depthwise_bwd(x, kern, dy, (s, s), pads, workers=1))
+    for got, want in zip(one(x, kern, dy), (want_dx, want_dw)):
+        assert _rel(got, want) < 1e-5
+
+
+def test_fast_conv_depthwise_uses_the_kernel_on_one_device(monkeypatch):
+    monkeypatch.setattr(FC, "_multi_device", lambda: False)  # conftest fakes 8 devices
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(2, 9, 9, 24)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 1, 24)), jnp.float32)
+
+    def grads(impl, **kw):
+        f = lambda x, w: jnp.sum(jnp.sin(FC.conv(x, w, groups=24, impl=impl, **kw)))  # noqa: E731
+        return jax.jit(jax.grad(f, argnums=(0, 1)))(x, w)
+
+    for stride in (1, 2):
+        got, want = grads("fast", strides=stride), grads("xla", strides=stride)
+        assert _rel(got[0], want[0]) < 1e-4 and _rel(got[1], want[1]) < 1e-4
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda w: jnp.sum(FC.conv(x, w, groups=24))))(w))
+    assert CK._DEPTHWISE_TARGET in jaxpr
+    monkeypatch.setattr(FC, "_multi_device", lambda: True)  # sharded batch: autodiff of the sum
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda w: jnp.sum(FC.conv(x, w, groups=24))))(w))
+    assert CK._DEPTHWISE_TARGET not in jaxpr

@@ -38,8 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_SOURCE = Path(__file__).with_name("kernels") / "conv_wgrad.cc"
+_SOURCES = (Path(__file__).with_name("kernels") / "conv_wgrad.cc",
+            Path(__file__).with_name("kernels") / "depthwise_bwd.cc")
 _TARGET = "lowlight_conv_wgrad_f32"
+_DEPTHWISE_TARGET = "lowlight_depthwise_bwd_f32"
 _FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-fPIC", "-shared", "-fno-math-errno")
 
 _lock = threading.Lock()
@@ -72,17 +74,17 @@ def cache_dir() -> Path:
 
 def _build(cxx: str) -> Path:
     include = jax.ffi.include_dir()
-    source = _SOURCE.read_bytes()
+    sources = [p.read_bytes() for p in _SOURCES]
     key = hashlib.sha256(b"\0".join([
-        source, jax.__version__.encode(), cxx.encode(), " ".join(_FLAGS).encode(),
+        *sources, jax.__version__.encode(), cxx.encode(), " ".join(_FLAGS).encode(),
         _cpu_signature().encode(), str(include).encode()])).hexdigest()[:20]
-    out = cache_dir() / f"conv_wgrad-{key}.so"
+    out = cache_dir() / f"lowlight_kernels-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [cxx, *_FLAGS, "-w", f"-I{include}", str(_SOURCE), "-o", tmp]
+    cmd = [cxx, *_FLAGS, "-w", f"-I{include}", *map(str, _SOURCES), "-o", tmp]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
@@ -107,6 +109,9 @@ def _load() -> None:
         path = _build(cxx)
         lib = ctypes.cdll.LoadLibrary(str(path))
         jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.LowlightConvWgradF32),
+                                    platform="cpu")
+        jax.ffi.register_ffi_target(_DEPTHWISE_TARGET,
+                                    jax.ffi.pycapsule(lib.LowlightDepthwiseBwdF32),
                                     platform="cpu")
     except Exception as e:  # noqa: BLE001 — any failure means "use XLA's path", reported
         _state["reason"] = f"{type(e).__name__}: {e}"
@@ -178,3 +183,22 @@ def conv_wgrad(x: jax.Array, dy: jax.Array, w_shape, strides, padding,
         stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
         pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]),
         chunk_bytes=np.int64(WGRAD_CHUNK_BYTES), max_workers=np.int64(workers))
+
+
+def depthwise_supported(x_shape, w_shape, dtype, dilation) -> bool:
+    """Whether `depthwise_bwd` handles this depthwise convolution (channel multiplier 1)."""
+    return (dtype == jnp.float32 and tuple(dilation) == (1, 1) and len(x_shape) == 4
+            and tuple(w_shape[2:]) == (1, x_shape[-1]) and available())
+
+
+def depthwise_bwd(x: jax.Array, w: jax.Array, dy: jax.Array, strides, padding,
+                  workers: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Both gradients of a depthwise NHWC convolution (kernel (KH, KW, 1, C), stride
+    `strides`, ((top, bottom), (left, right)) `padding`, no dilation): (dx, dw), float32."""
+    outs = (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+            jax.ShapeDtypeStruct(w.shape, jnp.float32))
+    return jax.ffi.ffi_call(_DEPTHWISE_TARGET, outs, vmap_method="sequential")(
+        x.astype(jnp.float32), w.astype(jnp.float32), dy.astype(jnp.float32),
+        stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+        pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]),
+        max_workers=np.int64(workers))
