@@ -13,6 +13,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from lowlight.models import fast_conv
 from lowlight.models import layers as L
@@ -47,9 +48,16 @@ def _inputs():
             jnp.ones(8) + 0.1 * f(8), 0.1 * f(8), jnp.full((8,), 0.25))
 
 
-def test_each_variant_removes_its_part_and_is_undone():
+@pytest.mark.parametrize("one_device", [False, True])
+def test_each_variant_removes_its_part_and_is_undone(one_device, monkeypatch):
+    """On several devices (conftest fakes 8) the depthwise gradients come from autodiff, on
+    one from the compiled depthwise kernel (`cpu_kernels.depthwise_bwd`)."""
+    if one_device:
+        monkeypatch.setattr(fast_conv, "_multi_device", lambda: False)
     tool = _tool()
     args = _inputs()
+    uses_kernel = "lowlight_depthwise_bwd" in str(jax.make_jaxpr(_grads)(*args))
+    assert uses_kernel == one_device
     ref = _grads(*args)
     assert all(float(jnp.max(jnp.abs(g))) > 0 for g in ref)
     names = ("x", "w3", "w1", "wd", "scale", "bias", "slope")

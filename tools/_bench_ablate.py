@@ -9,8 +9,11 @@ the step `tools/bench.py` times) several times. Each compile replaces one part o
 pass by a stand-in that does no work:
 
   full             the step as benchmarked
-  no kernel grads  every `fast_conv` convolution's kernel gradient (3x3 and 1x1; also the
-                   depthwise ones that autodiff derives in `fast_conv._depthwise`)
+  no kernel grads  every `fast_conv` convolution's kernel gradient (3x3 and 1x1, whether
+                   XLA's or the compiled kernel's; also the depthwise ones, which autodiff
+                   derives in `fast_conv._depthwise` on several devices, and which on one CPU
+                   device the compiled depthwise kernel computes in the same pass as the input
+                   gradient: there only its output is replaced, so that pass's cost stays)
   no input grads   every `fast_conv` convolution's input gradient (dense and strided)
   BN bwd identity  the fused BatchNorm + activation backward (`layers.BatchNormAct`) passes
                    the gradient through and gives zero parameter gradients (models on
@@ -64,9 +67,14 @@ def _patches(variant: str):
         return (jnp.zeros(w_shape, w_dtype) + tie(dy)).astype(w_dtype)
 
     depthwise = F._depthwise
+    depthwise_kernel_bwd = F._depthwise_kernel_bwd_bwd
 
     def depthwise_no_wgrad(x, w, *args):
         return depthwise(x, lax.stop_gradient(w), *args)
+
+    def depthwise_kernel_no_wgrad(strides, padding, res, dy):
+        dx, dw = depthwise_kernel_bwd(strides, padding, res, dy)
+        return dx, jnp.zeros_like(dw) + tie(dy)
 
     def no_dgrad(dy, w, x_shape, *args):
         return jnp.zeros(x_shape, dy.dtype) + tie(dy)
@@ -78,7 +86,8 @@ def _patches(variant: str):
                 jnp.zeros_like(bias), None if slope is None else jnp.zeros_like(slope))
 
     if variant == "no kernel grads":
-        return [(F, "_wgrad", no_wgrad), (F, "_depthwise", depthwise_no_wgrad)]
+        return [(F, "_wgrad", no_wgrad), (F, "_depthwise", depthwise_no_wgrad),
+                (F, "_depthwise_kernel_bwd_bwd", depthwise_kernel_no_wgrad)]
     if variant == "no input grads":
         return [(F, "_dgrad", no_dgrad)]
     if variant == "BN bwd identity":
@@ -86,21 +95,28 @@ def _patches(variant: str):
     return []
 
 
-@contextlib.contextmanager
-def _patched(variant: str):
+def _redefine_vjps():
+    """A custom_vjp holds its bwd function: re-register after (un)patching one."""
+    from lowlight.models import fast_conv as F
     from lowlight.models import layers as L
 
+    L._bn_act.defvjp(L._bn_act_fwd, L._bn_act_bwd)
+    F._depthwise_kernel_bwd.defvjp(F._depthwise_kernel_bwd_fwd, F._depthwise_kernel_bwd_bwd)
+
+
+@contextlib.contextmanager
+def _patched(variant: str):
     saved = []
     for mod, name, new in _patches(variant):
         saved.append((mod, name, getattr(mod, name)))
         setattr(mod, name, new)
-    L._bn_act.defvjp(L._bn_act_fwd, L._bn_act_bwd)  # the custom_vjp holds its bwd function
+    _redefine_vjps()
     try:
         yield
     finally:
         for mod, name, old in saved:
             setattr(mod, name, old)
-        L._bn_act.defvjp(L._bn_act_fwd, L._bn_act_bwd)
+        _redefine_vjps()
 
 
 def main():
