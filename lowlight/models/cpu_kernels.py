@@ -138,22 +138,27 @@ def unavailable_reason() -> str | None:
     return _state.get("reason")
 
 
-def vector_width() -> int:
-    """Floats per vector register the library was built for (16 with AVX-512)."""
+def _require() -> None:
     if not available():
         raise RuntimeError(f"lowlight CPU kernels unavailable: {unavailable_reason()}")
+
+
+def vector_width() -> int:
+    """Floats per vector register the library was built for (16 with AVX-512)."""
+    _require()
     return _state["vector_width"]
 
 
 def wgrad_stats() -> dict[str, float]:
-    """Counters of the kernel-gradient kernel since the last call (for benchmarks): calls,
-    seconds inside it, and the work chunks the calling thread and the helper threads took."""
+    """Counters of the kernel-gradient kernel since the last call (for benchmarks and tests):
+    calls, seconds inside it, and the work items the calling thread and the helper threads
+    took (the result does not depend on who took which)."""
     if not available():
         return {}
     buf = (ctypes.c_int64 * 4)()
     _state["lib"].lowlight_kernels_wgrad_stats(buf)
-    return {"calls": buf[0], "seconds": buf[1] * 1e-9, "caller_chunks": buf[2],
-            "helper_chunks": buf[3]}
+    return {"calls": buf[0], "seconds": buf[1] * 1e-9, "caller_items": buf[2],
+            "helper_items": buf[3]}
 
 
 #: Bytes of input and output-gradient rows per work chunk of the kernel gradient (L2-sized:
@@ -176,7 +181,8 @@ def conv_wgrad(x: jax.Array, dy: jax.Array, w_shape, strides, padding,
 
     x (N, H, W, CI), dy (N, OH, OW, CO) -> (KH, KW, CI, CO). `padding` is ((top, bottom),
     (left, right)); the bottom/right padding follows from dy's shape. `workers` caps the
-    threads used (0: XLA's intra-op pool)."""
+    threads used (0: XLA's intra-op pool); the result is bitwise the same for any number."""
+    _require()
     out = jax.ShapeDtypeStruct(tuple(w_shape), jnp.float32)
     return jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(
         x.astype(jnp.float32), dy.astype(jnp.float32),
@@ -194,7 +200,9 @@ def depthwise_supported(x_shape, w_shape, dtype, dilation) -> bool:
 def depthwise_bwd(x: jax.Array, w: jax.Array, dy: jax.Array, strides, padding,
                   workers: int = 0) -> tuple[jax.Array, jax.Array]:
     """Both gradients of a depthwise NHWC convolution (kernel (KH, KW, 1, C), stride
-    `strides`, ((top, bottom), (left, right)) `padding`, no dilation): (dx, dw), float32."""
+    `strides`, ((top, bottom), (left, right)) `padding`, no dilation): (dx, dw), float32,
+    bitwise the same for any number of `workers` (0: XLA's intra-op pool)."""
+    _require()
     outs = (jax.ShapeDtypeStruct(x.shape, jnp.float32),
             jax.ShapeDtypeStruct(w.shape, jnp.float32))
     return jax.ffi.ffi_call(_DEPTHWISE_TARGET, outs, vmap_method="sequential")(

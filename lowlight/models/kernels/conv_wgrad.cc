@@ -15,11 +15,10 @@
 // tile is NV vectors of input channels (contiguous in x for a fixed pixel and tap) by NR
 // output channels (broadcast from dy's row): NV loads and NR broadcasts feed NV*NR fused
 // multiply-adds per pixel, and out-of-image taps are skipped by clipping each output row's
-// pixel range instead of padding. Output pixels are split into chunks of whole output rows
-// whose input rows fit in L2; chunks are claimed by the calling thread and by helpers
-// scheduled on XLA's own intra-op thread pool, each accumulating into its own buffer
-// (no locks; summed at the end, so results do not depend on which thread took which chunk
-// only up to float32 summation order).
+// pixel range instead of padding. The work is a fixed grid of items (ranges of output rows x
+// ranges of output channels, see Job), each summed in chunks of whole output rows whose input
+// rows fit in L2; items are claimed by the calling thread and by helpers scheduled on XLA's
+// own intra-op thread pool (no locks), and the result does not depend on who took which.
 //
 // Requirements checked by the Python side (lowlight/models/cpu_kernels.py): float32, no
 // dilation or groups, CI a multiple of the vector width. Everything else keeps XLA's path.
@@ -54,8 +53,8 @@ constexpr int kNV = 2;  // vectors of input channels per register tile
 
 typedef float vf __attribute__((vector_size(kVW * 4), aligned(4)));
 
-// Counters for benchmarks (tools/_bench_wgrad.py): calls, nanoseconds inside the handler,
-// chunks taken by the calling thread and by helpers.
+// Counters for benchmarks and tests (cpu_kernels.wgrad_stats): calls, nanoseconds inside the
+// handler, work items taken by the calling thread and by helpers.
 std::atomic<int64_t> g_calls{0}, g_ns{0}, g_caller_chunks{0}, g_helper_chunks{0};
 
 struct Geometry {
@@ -117,11 +116,11 @@ void tile_nr(int nr, const Geometry& g, const float* x, const float* dy, int64_t
   }
 }
 
-// Output rows [r0, r1) into acc ([co][m]).
+// Output rows [r0, r1), output channels [c_lo, c_hi), into acc ([co][m]).
 void chunk(const Geometry& g, const float* x, const float* dy, int64_t r0, int64_t r1,
-           float* acc) {
-  for (int64_t c0 = 0; c0 < g.co; c0 += kNR) {
-    const int nr = static_cast<int>(std::min<int64_t>(kNR, g.co - c0));
+           int64_t c_lo, int64_t c_hi, float* acc) {
+  for (int64_t c0 = c_lo; c0 < c_hi; c0 += kNR) {
+    const int nr = static_cast<int>(std::min<int64_t>(kNR, c_hi - c0));
     for (int64_t ky = 0; ky < g.kh; ++ky)
       for (int64_t kx = 0; kx < g.kw; ++kx) {
         int64_t v0 = 0;
@@ -132,34 +131,52 @@ void chunk(const Geometry& g, const float* x, const float* dy, int64_t r0, int64
   }
 }
 
-// Work shared between the calling thread and its helpers; owned jointly (a helper may start
-// after the caller has returned, find no chunk left, and must still see valid memory).
+// The work is a fixed grid of items: `slots` ranges of output rows x `groups` ranges of
+// output channels. Item (s, gi) sums its rows, in order and in cache-sized chunks, into slot
+// s's own [co][m] buffer, rows [c_lo, c_hi); the slots are added in order at the end. Which
+// thread takes which item changes nothing, so the result is bitwise the same whatever the
+// number of threads or their timing (training runs resume and repeat exactly).
+//
+// Shared between the calling thread and its helpers (a helper may start after the caller has
+// returned, find no item left, and must still see valid memory).
 struct Job {
   Geometry g;
   const float* x;
   const float* dy;
-  int64_t rows_per_chunk, num_chunks, workers;
-  std::vector<std::unique_ptr<float[]>> acc;  // one [co][m] buffer per worker
+  int64_t rows_per_chunk, slots, groups, channels_per_group, workers;
+  std::unique_ptr<float[]> acc;  // slots x [co][m]
   std::atomic<int64_t> next{0}, done{0}, worker_ids{0};
 
+  int64_t items() const { return slots * groups; }
+
+  void item(int64_t i) {
+    const int64_t s = i / groups, gi = i % groups, rows = g.n * g.oh, m = g.m();
+    const int64_t c_lo = gi * channels_per_group;
+    const int64_t c_hi = std::min(g.co, c_lo + channels_per_group);
+    float* a = acc.get() + s * g.co * m;
+    std::fill(a + c_lo * m, a + c_hi * m, 0.0f);
+    const int64_t r_end = rows * (s + 1) / slots;
+    for (int64_t r0 = rows * s / slots; r0 < r_end; r0 += rows_per_chunk)
+      chunk(g, x, dy, r0, std::min(r0 + rows_per_chunk, r_end), c_lo, c_hi, a);
+  }
+
   void run(bool caller) {
-    const int64_t id = worker_ids.fetch_add(1);
-    if (id >= workers) return;
-    float* mine = nullptr;
-    for (int64_t c; (c = next.fetch_add(1)) < num_chunks;) {
-      if (mine == nullptr) {
-        const size_t sz = static_cast<size_t>(g.co * g.m());
-        acc[id].reset(new float[sz]());
-        mine = acc[id].get();
-      }
-      const int64_t r0 = c * rows_per_chunk;
-      const int64_t r1 = std::min(r0 + rows_per_chunk, g.n * g.oh);
-      chunk(g, x, dy, r0, r1, mine);
+    if (worker_ids.fetch_add(1) >= workers) return;
+    for (int64_t i; (i = next.fetch_add(1)) < items();) {
+      item(i);
       (caller ? g_caller_chunks : g_helper_chunks).fetch_add(1, std::memory_order_relaxed);
       done.fetch_add(1, std::memory_order_release);
     }
   }
 };
+
+// Items to aim for: enough for two threads to balance when one starts late.
+constexpr int64_t kItems = 8;
+// Operands (x and dy) up to this size are read once per channel group from L3; larger ones
+// are split by rows only, so that each is streamed from memory once.
+constexpr int64_t kGroupOperandBytes = 16 << 20;
+// Memory for the row slots' partial sums.
+constexpr int64_t kSlotBytes = 16 << 20;
 
 ffi::Error ConvWgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                          ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
@@ -184,41 +201,44 @@ ffi::Error ConvWgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     std::fill(out, out + m * g.co, 0.0f);
     return ffi::Error::Success();
   }
-  // Rows per chunk: the input rows a chunk reads (sh rows per output row, plus the kernel's
-  // extent) and its dy rows in about chunk_bytes.
-  const int64_t row_bytes = (g.sh * g.w * g.ci + g.ow * g.co) * 4;
-  int64_t rpc = std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(row_bytes, 1));
   auto job = std::make_shared<Job>();
   job->g = g;
   job->x = x.typed_data();
   job->dy = dy.typed_data();
+  // Rows per chunk: the input rows a chunk reads (sh per output row) and its dy rows in about
+  // chunk_bytes (L2), re-read from there once per tile of output channels.
+  const int64_t row_bytes = (g.sh * g.w * g.ci + g.ow * g.co) * 4;
+  job->rows_per_chunk = std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(row_bytes, 1));
+  // The grid depends on the shapes only (see Job).
+  const int64_t tiles = (g.co + kNR - 1) / kNR;
+  const int64_t operand_bytes = 4 * (g.n * g.h * g.w * g.ci + rows * g.ow * g.co);
+  int64_t groups = operand_bytes <= kGroupOperandBytes ? std::min(tiles, kItems) : 1;
+  const int64_t tiles_per_group = (tiles + groups - 1) / groups;
+  job->channels_per_group = tiles_per_group * kNR;
+  job->groups = (g.co + job->channels_per_group - 1) / job->channels_per_group;
+  int64_t slots = (kItems + job->groups - 1) / job->groups;
+  slots = std::min(slots, std::max<int64_t>(1, kSlotBytes / (4 * g.co * m)));
+  job->slots = std::max<int64_t>(1, std::min(slots, rows));
+  job->acc.reset(new float[static_cast<size_t>(job->slots * g.co * m)]);
   // max_workers <= 0: as many as XLA's intra-op pool has threads.
   int64_t workers = pool.num_threads();
   if (max_workers > 0) workers = std::min(workers, max_workers);
-  workers = std::max<int64_t>(1, workers);
-  // At least two chunks per worker so that an idle helper can take over.
-  rpc = std::min(rpc, std::max<int64_t>(1, rows / (2 * workers)));
-  job->rows_per_chunk = rpc;
-  job->num_chunks = (rows + rpc - 1) / rpc;
-  workers = std::min(workers, job->num_chunks);
-  job->workers = workers;
-  job->acc.resize(workers);
-  for (int64_t i = 1; i < workers; ++i) pool.Schedule([job] { job->run(false); });
+  job->workers = std::max<int64_t>(1, std::min(workers, job->items()));
+  for (int64_t i = 1; i < job->workers; ++i) pool.Schedule([job] { job->run(false); });
   job->run(true);
-  while (job->done.load(std::memory_order_acquire) < job->num_chunks) std::this_thread::yield();
-  // dw[m][c] = sum over workers of acc[c][m].
-  std::vector<const float*> parts;
-  for (auto& a : job->acc)
-    if (a) parts.push_back(a.get());
+  while (job->done.load(std::memory_order_acquire) < job->items()) std::this_thread::yield();
+  // dw[m][c] = sum over slots, in order, of acc[s][c][m].
+  const float* acc = job->acc.get();
+  const int64_t slot_size = g.co * m;
   constexpr int64_t kB = 32;  // transpose in blocks that stay in L1
   for (int64_t m0 = 0; m0 < m; m0 += kB)
     for (int64_t c0 = 0; c0 < g.co; c0 += kB) {
       const int64_t m1 = std::min(m0 + kB, m), c1 = std::min(c0 + kB, g.co);
       for (int64_t i = m0; i < m1; ++i)
         for (int64_t c = c0; c < c1; ++c) {
-          float s = 0.0f;
-          for (const float* p : parts) s += p[c * m + i];
-          out[i * g.co + c] = s;
+          float sum = acc[c * m + i];
+          for (int64_t s = 1; s < job->slots; ++s) sum += acc[s * slot_size + c * m + i];
+          out[i * g.co + c] = sum;
         }
     }
   g_calls.fetch_add(1, std::memory_order_relaxed);
@@ -245,9 +265,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowlightConvWgradF32, ConvWgradImpl,
 
 extern "C" int lowlight_kernels_vector_width() { return kVW; }
 
-// out[0..3] = calls, nanoseconds in the handler, chunks by callers, chunks by helpers; then
+// out[0..3] = calls, nanoseconds in the handler, items by callers, items by helpers; then
 // the counters restart from zero.
-extern "C" void lowlight_kernels_wgrad_stats(int64_t* out) {
+extern "C" void lowlight_kernels_wgrad_stats(int64_t* out) {  // items, not chunks
   out[0] = g_calls.exchange(0);
   out[1] = g_ns.exchange(0);
   out[2] = g_caller_chunks.exchange(0);

@@ -11,14 +11,13 @@
 // per layer. Here each output row's dy, the input rows it reads and the dx rows it writes stay
 // in L1/L2 while all taps are applied, so x and dy are read and dx written about once. Work is
 // split by whole images (their dx never overlap) between the calling thread and helpers on
-// XLA's intra-op pool; each worker sums dw in its own buffer, added up at the end.
+// XLA's intra-op pool; each image's dw is summed on its own and added up at the end.
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <memory>
 #include <thread>
-#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -110,23 +109,23 @@ void image(const Geometry& g, const float* x, const float* dy, const float* w, f
     }
 }
 
+// Images are claimed by the calling thread and helpers; each image's dw goes to its own slice
+// of `dw_parts`, added up in image order at the end, so the result is bitwise the same
+// whatever the number of threads or their timing.
 struct Job {
   Geometry g;
   const float *x, *dy, *w;
   float* dx;
   int64_t workers;
-  std::vector<std::unique_ptr<float[]>> dw;  // one (KH*KW*C) buffer per worker
+  std::unique_ptr<float[]> dw_parts;  // N x (KH*KW*C)
   std::atomic<int64_t> next{0}, done{0}, worker_ids{0};
 
   void run() {
-    const int64_t id = worker_ids.fetch_add(1);
-    if (id >= workers) return;
-    float* mine = nullptr;
+    if (worker_ids.fetch_add(1) >= workers) return;
+    const int64_t k = g.kh * g.kw * g.c;
     for (int64_t b; (b = next.fetch_add(1)) < g.n;) {
-      if (mine == nullptr) {
-        dw[id].reset(new float[static_cast<size_t>(g.kh * g.kw * g.c)]());
-        mine = dw[id].get();
-      }
+      float* mine = dw_parts.get() + b * k;
+      std::fill(mine, mine + k, 0.0f);
       image(g, x, dy, w, dx, mine, b);
       done.fetch_add(1, std::memory_order_release);
     }
@@ -156,16 +155,15 @@ ffi::Error DepthwiseBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (max_workers > 0) workers = std::min(workers, max_workers);
   workers = std::max<int64_t>(1, std::min(workers, g.n));
   job->workers = workers;
-  job->dw.resize(workers);
+  const int64_t k = g.kh * g.kw * g.c;
+  job->dw_parts.reset(new float[static_cast<size_t>(g.n * k)]);
   for (int64_t i = 1; i < workers; ++i) pool.Schedule([job] { job->run(); });
   job->run();
   while (job->done.load(std::memory_order_acquire) < g.n) std::this_thread::yield();
   float* out = dw->typed_data();
-  const int64_t k = g.kh * g.kw * g.c;
   std::fill(out, out + k, 0.0f);
-  for (auto& a : job->dw)
-    if (a)
-      for (int64_t i = 0; i < k; ++i) out[i] += a[i];
+  for (int64_t b = 0; b < g.n; ++b)
+    for (int64_t i = 0; i < k; ++i) out[i] += job->dw_parts[b * k + i];
   return ffi::Error::Success();
 }
 
