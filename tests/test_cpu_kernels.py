@@ -268,3 +268,42 @@ def test_fast_conv_depthwise_uses_the_kernel_on_one_device(monkeypatch):
     monkeypatch.setattr(FC, "_multi_device", lambda: True)  # sharded batch: autodiff of the sum
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda w: jnp.sum(FC.conv(x, w, groups=24))))(w))
     assert CK._DEPTHWISE_TARGET not in jaxpr
+
+
+@pytest.mark.parametrize("activation", ["none", "relu", "relu6", "prelu"])
+@pytest.mark.parametrize("with_scale", [True, False])
+def test_batchnorm_backward_matches_the_jax_closed_form(activation, with_scale):
+    """kernels/bn_act_bwd.cc against layers._bn_act_bwd_jnp (itself tested against autodiff of
+    flax's BatchNorm in test_fused_bn): channels with a scalar tail, pre-activations exactly on
+    the activations' kinks, a zero and a negative raw variance (flax's clip), and non-zero
+    cotangents of the returned statistics."""
+    from lowlight.models import layers as L
+
+    rng = np.random.default_rng(6)
+    c = CK.vector_width() + 5
+    x = rng.normal(size=(3, 5, 7, c)).astype(np.float32)
+    x[:, :, :, 0] = 1.5  # constant channel: raw variance 0 (or a rounding negative)
+    mean = x.mean((0, 1, 2))
+    var_raw = (x * x).mean((0, 1, 2)) - mean * mean
+    var_raw[0], var_raw[1] = 0.0, -1e-7
+    scale = (1 + 0.1 * rng.normal(size=c)).astype(np.float32) if with_scale else None
+    bias = (0.1 * rng.normal(size=c)).astype(np.float32)
+    slope = np.full(c, 0.25, np.float32) if activation == "prelu" else None
+    # put some pre-activations exactly on 0 and 6: h = (x - mean) * rstd * scale + bias = bias
+    x[0, 0, :3, 2:] = mean[2:]
+    bias[3] = 6.0
+    dy, dmean, dvar = (rng.normal(size=s).astype(np.float32) for s in (x.shape, c, c))
+    args = [jnp.asarray(a) if a is not None else None
+            for a in (x, mean, var_raw, scale, bias, slope, dy, dmean, dvar)]
+    want = L._bn_act_bwd_jnp(activation, 1e-5, jnp.float32, jnp.float32, *args)
+    xj, mj, vj, sj, bj, slj, dyj, dmj, dvj = args
+    got = jax.jit(lambda *a: CK.bn_act_bwd(*a, activation=activation, eps=1e-5))(
+        xj, dyj, mj, vj, sj, bj, slj, dmj, dvj)
+    for name, g, w in zip(("dx", "dscale", "dbias", "dslope"), got, want):
+        if w is None:
+            continue
+        assert _rel(g, w) < 1e-5, name
+    one = CK.bn_act_bwd(xj, dyj, mj, vj, sj, bj, slj, dmj, dvj, activation=activation, eps=1e-5,
+                        workers=1)
+    for a, b in zip(one, got):  # one thread: bitwise the same
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -37,7 +37,9 @@ two gradients that automatic differentiation derives from it do not:
     d*d interleaved sub-images (space-to-batch), which the paths above then speed up.
   * depthwise convolutions (MobileNetV2) go through XLA:CPU's grouped-convolution path at
     ~1 GFLOP/s; as a sum of shifted, scaled input views (one fused elementwise loop) they run
-    20-40x faster forward and 6-20x faster with gradients (autodiff of the same sum).
+    20-40x faster forward and 6-20x faster with gradients (autodiff of the same sum). On one
+    CPU device both gradients come from one pass of a compiled kernel instead
+    (`cpu_kernels.depthwise_bwd`): the MobileNetV2-SE train step 1.41x faster.
 
 `conv(x, kernel, ...)` is the functional form, `Conv` the flax module: the same parameters as
 `nn.Conv` (`kernel` (kh, kw, in/groups, out), `bias` (out,)), the same initialisers and dtype

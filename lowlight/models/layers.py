@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lowlight.models import fast_conv
+from lowlight.models import cpu_kernels, fast_conv
 
 # torch.nn.BatchNorm defaults: running = 0.9 * running + 0.1 * batch.
 TORCH_BN_MOMENTUM = 0.9
@@ -178,6 +178,23 @@ def _bn_act_fwd(x, scale, bias, slope, activation, eps, dtype, stats_dtype):
 def _bn_act_bwd(activation, eps, dtype, stats_dtype, res, cts):
     x, mean, var_raw, scale, bias, slope = res
     dy, dmean, dvar = cts
+    if (not fast_conv._multi_device() and jax.default_backend() == "cpu"
+            and cpu_kernels.bn_act_supported(x.dtype, jnp.dtype(dtype), jnp.dtype(stats_dtype),
+                                             activation)):
+        # the same closed form in two passes over (x, dy) (kernels/bn_act_bwd.cc); one device:
+        # with a sharded batch the sums below are global across devices, the kernel's not
+        dx, dscale, dbias, dslope = cpu_kernels.bn_act_bwd(
+            x, dy, mean, var_raw, scale, bias, slope, dmean, dvar, activation=activation,
+            eps=eps)
+        return (dx.astype(x.dtype), None if scale is None else dscale.astype(scale.dtype),
+                dbias.astype(bias.dtype),
+                dslope.astype(slope.dtype) if activation == "prelu" else None)
+    return _bn_act_bwd_jnp(activation, eps, dtype, stats_dtype, x, mean, var_raw, scale, bias,
+                           slope, dy, dmean, dvar)
+
+
+def _bn_act_bwd_jnp(activation, eps, dtype, stats_dtype, x, mean, var_raw, scale, bias, slope,
+                    dy, dmean, dvar):
     axes = tuple(range(x.ndim - 1))
     n = math.prod(x.shape[:-1])
     var = jnp.maximum(0.0, var_raw)

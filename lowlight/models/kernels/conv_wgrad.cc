@@ -27,31 +27,23 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <memory>
-#include <thread>
-#include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using lowlight::kVW;
+using lowlight::vf;
 
 namespace {
 
 #if defined(__AVX512F__)
-constexpr int kVW = 16;  // floats per vector register
 constexpr int kNR = 12;  // output channels per register tile (2 x 12 accumulators of 32)
-#elif defined(__AVX__)
-constexpr int kVW = 8;
-constexpr int kNR = 6;  // 2 x 6 accumulators of 16 ymm registers
 #else
-constexpr int kVW = 4;
-constexpr int kNR = 6;
+constexpr int kNR = 6;  // 2 x 6 accumulators of 16 ymm registers
 #endif
 constexpr int kNV = 2;  // vectors of input channels per register tile
-
-typedef float vf __attribute__((vector_size(kVW * 4), aligned(4)));
 
 // Counters for benchmarks and tests (cpu_kernels.wgrad_stats): calls, nanoseconds inside the
 // handler, work items taken by the calling thread and by helpers.
@@ -136,16 +128,12 @@ void chunk(const Geometry& g, const float* x, const float* dy, int64_t r0, int64
 // s's own [co][m] buffer, rows [c_lo, c_hi); the slots are added in order at the end. Which
 // thread takes which item changes nothing, so the result is bitwise the same whatever the
 // number of threads or their timing (training runs resume and repeat exactly).
-//
-// Shared between the calling thread and its helpers (a helper may start after the caller has
-// returned, find no item left, and must still see valid memory).
 struct Job {
   Geometry g;
   const float* x;
   const float* dy;
-  int64_t rows_per_chunk, slots, groups, channels_per_group, workers;
+  int64_t rows_per_chunk, slots, groups, channels_per_group;
   std::unique_ptr<float[]> acc;  // slots x [co][m]
-  std::atomic<int64_t> next{0}, done{0}, worker_ids{0};
 
   int64_t items() const { return slots * groups; }
 
@@ -158,15 +146,6 @@ struct Job {
     const int64_t r_end = rows * (s + 1) / slots;
     for (int64_t r0 = rows * s / slots; r0 < r_end; r0 += rows_per_chunk)
       chunk(g, x, dy, r0, std::min(r0 + rows_per_chunk, r_end), c_lo, c_hi, a);
-  }
-
-  void run(bool caller) {
-    if (worker_ids.fetch_add(1) >= workers) return;
-    for (int64_t i; (i = next.fetch_add(1)) < items();) {
-      item(i);
-      (caller ? g_caller_chunks : g_helper_chunks).fetch_add(1, std::memory_order_relaxed);
-      done.fetch_add(1, std::memory_order_release);
-    }
   }
 };
 
@@ -201,34 +180,30 @@ ffi::Error ConvWgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     std::fill(out, out + m * g.co, 0.0f);
     return ffi::Error::Success();
   }
-  auto job = std::make_shared<Job>();
-  job->g = g;
-  job->x = x.typed_data();
-  job->dy = dy.typed_data();
+  Job job;
+  Job* jp = &job;
+  job.g = g;
+  job.x = x.typed_data();
+  job.dy = dy.typed_data();
   // Rows per chunk: the input rows a chunk reads (sh per output row) and its dy rows in about
   // chunk_bytes (L2), re-read from there once per tile of output channels.
   const int64_t row_bytes = (g.sh * g.w * g.ci + g.ow * g.co) * 4;
-  job->rows_per_chunk = std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(row_bytes, 1));
+  job.rows_per_chunk = std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(row_bytes, 1));
   // The grid depends on the shapes only (see Job).
   const int64_t tiles = (g.co + kNR - 1) / kNR;
   const int64_t operand_bytes = 4 * (g.n * g.h * g.w * g.ci + rows * g.ow * g.co);
   int64_t groups = operand_bytes <= kGroupOperandBytes ? std::min(tiles, kItems) : 1;
   const int64_t tiles_per_group = (tiles + groups - 1) / groups;
-  job->channels_per_group = tiles_per_group * kNR;
-  job->groups = (g.co + job->channels_per_group - 1) / job->channels_per_group;
-  int64_t slots = (kItems + job->groups - 1) / job->groups;
+  job.channels_per_group = tiles_per_group * kNR;
+  job.groups = (g.co + job.channels_per_group - 1) / job.channels_per_group;
+  int64_t slots = (kItems + job.groups - 1) / job.groups;
   slots = std::min(slots, std::max<int64_t>(1, kSlotBytes / (4 * g.co * m)));
-  job->slots = std::max<int64_t>(1, std::min(slots, rows));
-  job->acc.reset(new float[static_cast<size_t>(job->slots * g.co * m)]);
-  // max_workers <= 0: as many as XLA's intra-op pool has threads.
-  int64_t workers = pool.num_threads();
-  if (max_workers > 0) workers = std::min(workers, max_workers);
-  job->workers = std::max<int64_t>(1, std::min(workers, job->items()));
-  for (int64_t i = 1; i < job->workers; ++i) pool.Schedule([job] { job->run(false); });
-  job->run(true);
-  while (job->done.load(std::memory_order_acquire) < job->items()) std::this_thread::yield();
+  job.slots = std::max<int64_t>(1, std::min(slots, rows));
+  job.acc.reset(new float[static_cast<size_t>(job.slots * g.co * m)]);
+  lowlight::parallel_for(pool, job.items(), max_workers, [jp](int64_t i) { jp->item(i); },
+                         &g_caller_chunks, &g_helper_chunks);
   // dw[m][c] = sum over slots, in order, of acc[s][c][m].
-  const float* acc = job->acc.get();
+  const float* acc = job.acc.get();
   const int64_t slot_size = g.co * m;
   constexpr int64_t kB = 32;  // transpose in blocks that stay in L1
   for (int64_t m0 = 0; m0 < m; m0 += kB)
@@ -237,7 +212,7 @@ ffi::Error ConvWgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       for (int64_t i = m0; i < m1; ++i)
         for (int64_t c = c0; c < c1; ++c) {
           float sum = acc[c * m + i];
-          for (int64_t s = 1; s < job->slots; ++s) sum += acc[s * slot_size + c * m + i];
+          for (int64_t s = 1; s < job.slots; ++s) sum += acc[s * slot_size + c * m + i];
           out[i * g.co + c] = sum;
         }
     }

@@ -14,27 +14,19 @@
 // XLA's intra-op pool; each image's dw is summed on its own and added up at the end.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <memory>
-#include <thread>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using lowlight::kVW;
+using lowlight::vf;
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int kVW = 16;
-#elif defined(__AVX__)
-constexpr int kVW = 8;
-#else
-constexpr int kVW = 4;
-#endif
 constexpr int kNV = 4;  // channel vectors per inner loop
-
-typedef float vf __attribute__((vector_size(kVW * 4), aligned(4)));
 
 struct Geometry {
   int64_t n, h, w, c, oh, ow, kh, kw, sh, sw, pt, pl;
@@ -109,29 +101,6 @@ void image(const Geometry& g, const float* x, const float* dy, const float* w, f
     }
 }
 
-// Images are claimed by the calling thread and helpers; each image's dw goes to its own slice
-// of `dw_parts`, added up in image order at the end, so the result is bitwise the same
-// whatever the number of threads or their timing.
-struct Job {
-  Geometry g;
-  const float *x, *dy, *w;
-  float* dx;
-  int64_t workers;
-  std::unique_ptr<float[]> dw_parts;  // N x (KH*KW*C)
-  std::atomic<int64_t> next{0}, done{0}, worker_ids{0};
-
-  void run() {
-    if (worker_ids.fetch_add(1) >= workers) return;
-    const int64_t k = g.kh * g.kw * g.c;
-    for (int64_t b; (b = next.fetch_add(1)) < g.n;) {
-      float* mine = dw_parts.get() + b * k;
-      std::fill(mine, mine + k, 0.0f);
-      image(g, x, dy, w, dx, mine, b);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error DepthwiseBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> dy,
                             ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
@@ -145,25 +114,22 @@ ffi::Error DepthwiseBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (yd[0] != g.n || yd[3] != g.c || wd[2] != 1 || wd[3] != g.c)
     return ffi::Error::InvalidArgument("lowlight_depthwise_bwd: x (N,H,W,C), w (KH,KW,1,C) and "
                                        "dy (N,OH,OW,C) disagree");
-  auto job = std::make_shared<Job>();
-  job->g = g;
-  job->x = x.typed_data();
-  job->dy = dy.typed_data();
-  job->w = w.typed_data();
-  job->dx = dx->typed_data();
-  int64_t workers = pool.num_threads();
-  if (max_workers > 0) workers = std::min(workers, max_workers);
-  workers = std::max<int64_t>(1, std::min(workers, g.n));
-  job->workers = workers;
+  const float *xp = x.typed_data(), *dyp = dy.typed_data(), *wp = w.typed_data();
+  float* dxp = dx->typed_data();
+  // Images are claimed by the calling thread and helpers; each image's dw goes to its own
+  // slice of `parts`, added up in image order, so the result is bitwise the same whatever the
+  // number of threads or their timing.
   const int64_t k = g.kh * g.kw * g.c;
-  job->dw_parts.reset(new float[static_cast<size_t>(g.n * k)]);
-  for (int64_t i = 1; i < workers; ++i) pool.Schedule([job] { job->run(); });
-  job->run();
-  while (job->done.load(std::memory_order_acquire) < g.n) std::this_thread::yield();
+  std::unique_ptr<float[]> parts(new float[static_cast<size_t>(g.n * k)]);
+  float* pp = parts.get();
+  lowlight::parallel_for(pool, g.n, max_workers, [&](int64_t b) {
+    std::fill(pp + b * k, pp + (b + 1) * k, 0.0f);
+    image(g, xp, dyp, wp, dxp, pp + b * k, b);
+  });
   float* out = dw->typed_data();
   std::fill(out, out + k, 0.0f);
   for (int64_t b = 0; b < g.n; ++b)
-    for (int64_t i = 0; i < k; ++i) out[i] += job->dw_parts[b * k + i];
+    for (int64_t i = 0; i < k; ++i) out[i] += pp[b * k + i];
   return ffi::Error::Success();
 }
 
