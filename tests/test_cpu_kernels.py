@@ -307,3 +307,56 @@ def test_batchnorm_backward_matches_the_jax_closed_form(activation, with_scale):
                         workers=1)
     for a, b in zip(one, got):  # one thread: bitwise the same
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# (batch, H, W, C_in, C_out in vectors, kernel, stride, padding)
+FORWARD_CASES = [
+    (2, 9, 9, 5, 2, 3, 1, ((1, 1), (1, 1))),  # 9 output columns: a partial pixel tile
+    (1, 30, 30, 16, 1, 3, 2, ((1, 1), (1, 1))),  # strided, 15 columns: a full and a partial tile
+    (2, 11, 11, 8, 3, 5, 3, ((2, 1), (0, 2))),  # 3 vectors: a block of 2 and one of 1
+    (1, 4, 4, 3, 1, 5, 1, ((2, 2), (2, 2))),  # kernel larger than the map
+    (2, 10, 10, 4, 1, 3, 2, ((0, 0), (0, 0))),  # VALID: the last row is never read
+]
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=lambda c: "b{}h{}w{}c{}v{}k{}s{}p{}".format(*c))
+def test_forward_matches_xla(case):
+    b, h, w, ci, nv, k, s, pads = case
+    co = nv * CK.vector_width()
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(b, h, w, ci)), jnp.float32)
+    kern = jnp.asarray(rng.normal(size=(k, k, ci, co)), jnp.float32)
+    want = lax.conv_general_dilated(x, kern, (s, s), pads,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    precision=lax.Precision.HIGHEST)
+    got = jax.jit(lambda x, kern: CK.conv_forward(x, kern, (s, s), pads))(x, kern)
+    assert got.shape == want.shape
+    assert _rel(got, want) < 1e-5
+    one = CK.conv_forward(x, kern, (s, s), pads, workers=1)  # one thread: bitwise the same
+    np.testing.assert_array_equal(np.asarray(one), np.asarray(got))
+
+
+def test_fast_conv_forward_uses_the_kernel_where_it_measured_faster(monkeypatch):
+    """On one device: strided 3x3 convolutions (XLA's convolution otherwise) and Winograd-sized
+    ones on small outputs (batch-1 inference) run the compiled forward; large Winograd outputs
+    and 1x1 convolutions do not."""
+    monkeypatch.setattr(FC, "_multi_device", lambda: False)  # conftest fakes 8 devices
+    vw = CK.vector_width()
+
+    def uses(x_shape, w_shape, stride):
+        x, w = jnp.zeros(x_shape), jnp.zeros(w_shape)
+        pad = "SAME" if w_shape[0] > 1 else "VALID"
+        jaxpr = str(jax.make_jaxpr(lambda x, w: FC.conv(x, w, strides=stride, padding=pad))(x, w))
+        return CK._FWD_TARGET in jaxpr
+
+    assert uses((1, 16, 16, 64), (3, 3, 64, 64), 2)  # strided
+    assert uses((1, 56, 56, 64), (3, 3, 64, 64), 1)  # Winograd layer, 3,136 output pixels
+    assert not uses((1, 112, 112, 64), (3, 3, 64, 64), 1)  # 12,544 pixels: Winograd
+    assert not uses((1, 8, 8, 64), (1, 1, 64, 64), 1)  # 1x1: a matmul
+    assert not uses((1, 8, 8, 64), (3, 3, 64, vw + 3), 2)  # channels not whole vectors
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.normal(size=(1, 16, 16, 64)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 64, 64)), jnp.float32)
+    for stride in (1, 2):
+        got = FC.conv(x, w, strides=stride, impl="fast")
+        assert _rel(got, FC.conv(x, w, strides=stride, impl="xla")) < 1e-5

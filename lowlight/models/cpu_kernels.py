@@ -45,11 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 
 _KERNELS = Path(__file__).with_name("kernels")
-_SOURCES = (_KERNELS / "conv_wgrad.cc", _KERNELS / "depthwise_bwd.cc", _KERNELS / "bn_act_bwd.cc")
+_SOURCES = (_KERNELS / "conv_wgrad.cc", _KERNELS / "depthwise_bwd.cc", _KERNELS / "bn_act_bwd.cc",
+            _KERNELS / "conv_fwd.cc")
 _HEADERS = (_KERNELS / "parallel.h",)
 _TARGET = "lowlight_conv_wgrad_f32"
 _DEPTHWISE_TARGET = "lowlight_depthwise_bwd_f32"
 _BN_TARGET = "lowlight_bn_act_bwd_f32"
+_FWD_TARGET = "lowlight_conv_fwd_f32"
 _FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-fPIC", "-shared", "-fno-math-errno")
 
 _lock = threading.Lock()
@@ -122,6 +124,8 @@ def _load() -> None:
                                     jax.ffi.pycapsule(lib.LowlightDepthwiseBwdF32),
                                     platform="cpu")
         jax.ffi.register_ffi_target(_BN_TARGET, jax.ffi.pycapsule(lib.LowlightBnActBwdF32),
+                                    platform="cpu")
+        jax.ffi.register_ffi_target(_FWD_TARGET, jax.ffi.pycapsule(lib.LowlightConvFwdF32),
                                     platform="cpu")
     except Exception as e:  # noqa: BLE001 — any failure means "use XLA's path", reported
         _state["reason"] = f"{type(e).__name__}: {e}"
@@ -247,4 +251,27 @@ def bn_act_bwd(x, dy, mean, var_raw, scale, bias, slope, dmean, dvar, *, activat
     return jax.ffi.ffi_call(_BN_TARGET, outs, vmap_method="sequential")(
         f32(x), f32(dy), f32(mean), f32(var_raw), scale, f32(bias), slope, f32(dmean),
         f32(dvar), activation=np.int64(BN_ACTIVATION_CODES[activation]), eps=np.float32(eps),
+        max_workers=np.int64(workers))
+
+
+def forward_supported(x_shape, w_shape, x_dtype, w_dtype, dilation, groups, padding) -> bool:
+    """Whether `conv_forward` handles this convolution (and the kernels are available)."""
+    return (x_dtype == jnp.float32 and w_dtype == jnp.float32 and groups == 1
+            and tuple(dilation) == (1, 1) and len(x_shape) == 4 and len(w_shape) == 4
+            and min(padding[0] + padding[1]) >= 0 and available()
+            and w_shape[-1] % vector_width() == 0)
+
+
+def conv_forward(x: jax.Array, w: jax.Array, strides, padding, workers: int = 0) -> jax.Array:
+    """Forward NHWC / HWIO convolution (float32, no dilation or groups; output channels a
+    multiple of `vector_width()`): `padding` ((top, bottom), (left, right)) is applied with
+    `jnp.pad` first. Bitwise the same for any number of `workers` (0: XLA's intra-op pool)."""
+    _require()
+    kh, kw, _, co = w.shape
+    xp = jnp.pad(x.astype(jnp.float32), ((0, 0), *padding, (0, 0)))
+    oh = (xp.shape[1] - kh) // strides[0] + 1
+    ow = (xp.shape[2] - kw) // strides[1] + 1
+    out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, co), jnp.float32)
+    return jax.ffi.ffi_call(_FWD_TARGET, out, vmap_method="sequential")(
+        xp, w.astype(jnp.float32), stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
         max_workers=np.int64(workers))
