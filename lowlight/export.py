@@ -167,8 +167,11 @@ def export_stage(workdir: str, *, batch_size: int | None = None,
     batch = jax.export.symbolic_shape("b")[0] if batch_size is None else int(batch_size)
     specs = ([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves],
              jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8))
+    from lowlight.models import cpu_kernels  # here: loading an artifact imports no model code
+
     try:
-        exported = jax.export.export(jax.jit(flat_fn), platforms=tuple(platforms))(*specs)
+        with cpu_kernels.disabled():  # a portable artifact: no custom calls of this process
+            exported = jax.export.export(jax.jit(flat_fn), platforms=tuple(platforms))(*specs)
     except Exception as e:
         if batch_size is None:  # shape polymorphism is what can fail for a model that lowers
             raise ValueError(f"{workdir}: exporting {config.model.name} with a symbolic batch "

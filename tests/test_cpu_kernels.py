@@ -360,3 +360,24 @@ def test_fast_conv_forward_uses_the_kernel_where_it_measured_faster(monkeypatch)
     for stride in (1, 2):
         got = FC.conv(x, w, strides=stride, impl="fast")
         assert _rel(got, FC.conv(x, w, strides=stride, impl="xla")) < 1e-5
+
+
+def test_disabled_for_export(monkeypatch):
+    """`jax.export` artifacts must not call this process's custom calls: inside
+    `cpu_kernels.disabled()` (as lowlight.export traces) the JAX paths run, forward and
+    backward, and the program exports."""
+    monkeypatch.setattr(FC, "_multi_device", lambda: False)  # conftest fakes 8 devices
+    x = jnp.zeros((1, 16, 16, 64))
+    w = jnp.zeros((3, 3, 64, 64))
+
+    def f(x, w):
+        return jax.grad(lambda w: jnp.sum(FC.conv(x, w, strides=2)))(w)
+
+    targets = (CK._FWD_TARGET, CK._TARGET)
+    assert all(t in str(jax.make_jaxpr(lambda *a: f(*a))(x, w)) for t in targets)
+    with CK.disabled():
+        assert not CK.usable() and CK.available()
+        assert not any(t in str(jax.make_jaxpr(lambda *a: f(*a))(x, w)) for t in targets)
+        exported = jax.export.export(jax.jit(lambda *a: f(*a)))(x, w)
+    assert CK.usable()
+    assert not any(t in exported.mlir_module() for t in targets)

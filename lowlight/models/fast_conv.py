@@ -25,6 +25,9 @@ two gradients that automatic differentiation derives from it do not:
     with exactly the forward's FLOPs.
   * 1x1 convolutions (the ResNet shortcuts, MobileNetV2 expansions/projections) are plain
     matmuls in every direction (`dot_general`), strided ones on a strided slice.
+  * on one CPU device, float32 forward convolutions that would go to XLA's convolution
+    (strided 3x3) or to Winograd with a small output (batch-1 inference) call a compiled
+    direct convolution (`cpu_kernels.conv_forward`; `_use_kernel_forward`).
   * stride-1 3x3 convolutions with >= 64 channels use Winograd F(2x2, 3x3), forward and for
     the input gradient: 16 matmuls on transformed 4x4 tiles, 2.25x fewer multiplications;
     measured up to 1.9x faster than XLA's convolution (1.5x on the 14x14x256 layers that hold
