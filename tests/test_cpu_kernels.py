@@ -1,11 +1,13 @@
-"""cpu_kernels: the compiled kernel-gradient kernel (kernels/conv_wgrad.cc).
+"""cpu_kernels: the compiled kernels (kernels/*.cc) — kernel gradient, depthwise backward,
+BatchNorm + activation backward, forward convolution.
 
-References: a float64 numpy direct sum over taps (independent of XLA) and XLA's automatic
-derivative of `lax.conv_general_dilated`. Geometries cover the kernel's remainder paths (output
-channels not a multiple of the register tile, input channels an odd number of vectors), strides,
-asymmetric and "VALID" paddings whose output does not cover the input, kernels larger than the
-map, many work chunks over both threads, and the fallbacks (disabled, no compiler, a failed
-compile), which must keep XLA's path and say why.
+References: float64 numpy direct sums over taps (independent of XLA), XLA's own convolution and
+its automatic derivative, and the JAX closed form of the BatchNorm backward. Geometries cover the
+kernels' remainder paths (channels not a multiple of the register tile or of the vector width,
+odd numbers of vectors), strides, asymmetric and "VALID" paddings whose output does not cover
+the input, kernels larger than the map, many work items over both threads (bitwise equal to
+one thread), vmap, where fast_conv and BatchNormAct call them, `disabled()` for export, and the
+fallbacks (disabled, no compiler, a failed compile), which must keep the JAX paths and say why.
 """
 
 import subprocess

@@ -279,12 +279,24 @@ def bn_act_bwd(x, dy, mean, var_raw, scale, bias, slope, dmean, dvar, *, activat
         max_workers=np.int64(workers))
 
 
+#: The forward kernel keeps a block of 2 vectors of output channels' weights (kh*kw*ci*2
+#: vectors) in L2; beyond this many bytes (wider layers, e.g. the U-Net's 1024-channel ones)
+#: it re-reads them from L3 and lost to XLA's convolution.
+FORWARD_MAX_WEIGHT_BLOCK_BYTES = 640 << 10
+
+
 def forward_supported(x_shape, w_shape, x_dtype, w_dtype, dilation, groups, padding) -> bool:
-    """Whether `conv_forward` handles this convolution (and the kernels are available)."""
-    return (x_dtype == jnp.float32 and w_dtype == jnp.float32 and groups == 1
+    """Whether `conv_forward` handles this convolution well (and the kernels are available):
+    float32, no groups or dilation, input and output channels whole vectors (a 3-channel stem
+    gives the register tile too little work per tap), the weight block within L2."""
+    if not (x_dtype == jnp.float32 and w_dtype == jnp.float32 and groups == 1
             and tuple(dilation) == (1, 1) and len(x_shape) == 4 and len(w_shape) == 4
-            and min(padding[0] + padding[1]) >= 0 and usable()
-            and w_shape[-1] % vector_width() == 0)
+            and min(padding[0] + padding[1]) >= 0 and usable()):
+        return False
+    vw = vector_width()
+    kh, kw, ci, co = w_shape
+    return (ci % vw == 0 and co % vw == 0
+            and kh * kw * ci * 2 * vw * 4 <= FORWARD_MAX_WEIGHT_BLOCK_BYTES)
 
 
 def conv_forward(x: jax.Array, w: jax.Array, strides, padding, workers: int = 0) -> jax.Array:
