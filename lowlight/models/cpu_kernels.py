@@ -1,11 +1,11 @@
 """CPU kernels compiled on first use and called from XLA as FFI custom calls.
 
-Why (docs/performance.md, "Ablation" and "Compiled kernels"): two gradients of a CNN train
-step run far slower on XLA:CPU than in PyTorch's oneDNN, and no formulation in JAX ops beat
-XLA's inside a model:
+Why (docs/performance.md, "Ablation" and "Compiled kernels"): some parts of a CNN step run
+far slower on XLA:CPU than in PyTorch's oneDNN, and no formulation in JAX ops beat XLA's for
+them inside a model:
   * the convolution kernel gradient: `kernels/conv_wgrad.cc` reads the operands in place,
     240-410 GFLOP/s against 160-250 for fast_conv's batch-chunked XLA convolution on the
-    iResNet layers here; the iResNet-50 train step went from 0.84x to 0.99x PyTorch's;
+    iResNet layers here; the iResNet-50 train step went from 0.84x to 0.99-1.01x PyTorch's;
   * both gradients of a depthwise convolution: `kernels/depthwise_bwd.cc` makes one pass over
     x and dy where autodiff of the shifted sum makes about two per tap;
   * the BatchNorm + activation backward: `kernels/bn_act_bwd.cc`, two passes over (x, dy)
@@ -16,19 +16,21 @@ XLA's inside a model:
 All split their work into a fixed grid, so results are bitwise the same for any number of
 threads (training runs repeat and resume exactly).
 
-How: the C++ source ships with the package and is compiled here, once per machine type, with
-the system's C++ compiler (`$CXX`, else `g++`, else `c++`) against the XLA FFI headers that
-jaxlib ships (`jax.ffi.include_dir()`), with `-march=native` since the library only ever runs
-on the machine that built it. The shared library is cached under `$LOWLIGHT_KERNEL_CACHE`
-(default `~/.cache/lowlight/kernels`) keyed by the source, jax's version, the compiler command
+How: the C++ sources ship with the package and are compiled here, once per machine type, with
+the system's C++ compiler (`$CXX`, else `g++`, `c++` or `clang++`) against the XLA FFI headers
+that jaxlib ships (`jax.ffi.include_dir()`), with `-march=native` since the library only ever
+runs on the machine that built it. The shared library is cached under `$LOWLIGHT_KERNEL_CACHE`
+(default `~/.cache/lowlight/kernels`) keyed by the sources, jax's version, the compiler command
 and the CPU's feature flags, so a home directory shared by different CPUs keeps one library
 per CPU type. The compile writes to a temporary file and renames it, so concurrent processes
 (pytest-xdist, several jobs on one node) never load a half-written library.
 
-When the kernels cannot be used — no compiler, a failed compile, a non-x86/ARM oddity, or
+When the kernels cannot be used — no compiler, a failed compile or load, or
 `LOWLIGHT_CPU_KERNELS=0` in the environment — `available()` returns False with the reason in
-`unavailable_reason()` (logged once as a warning), and callers keep XLA's own path: the same
-numbers to float32 rounding, only slower.
+`unavailable_reason()` (logged once as a warning), and callers keep the JAX paths: the same
+numbers to float32 rounding, only slower. Inside `disabled()` (used by `lowlight.export`) the
+models trace without them too. They run on one CPU device only: a custom call has no SPMD
+partitioning rule, so with a batch sharded over several devices the JAX paths run.
 """
 
 from __future__ import annotations
