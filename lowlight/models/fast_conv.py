@@ -255,7 +255,7 @@ def _use_kernel_forward(x, w, strides, padding, dilation, groups, winograd: bool
         wo = (wd + sum(padding[1]) - w.shape[1]) // strides[1] + 1
         if b * ho * wo * int(np.prod(w.shape)) > KERNEL_FWD_MAX_WINOGRAD_MACS:
             return False
-    return (not _multi_device() and jax.default_backend() == "cpu"
+    return (_one_cpu_device()
             and cpu_kernels.forward_supported(x.shape, w.shape, x.dtype, w.dtype, dilation,
                                               groups, padding))
 
@@ -348,6 +348,12 @@ def _multi_device() -> bool:
     return jax.device_count() > 1
 
 
+def _one_cpu_device() -> bool:
+    """Where the compiled `cpu_kernels` may run: a custom call has no SPMD partitioning rule,
+    so with several devices (a sharded batch) the JAX paths run."""
+    return not _multi_device() and jax.default_backend() == "cpu"
+
+
 def _wgrad_chunk(x_shape, itemsize: int) -> int:
     """Images per wgrad chunk: as many as fit in `_WGRAD_CHUNK_BYTES`, a divisor of the batch;
     the whole batch when it is small enough to stay in cache anyway (fewer ops to compile)."""
@@ -369,7 +375,7 @@ def _wgrad(x, dy, w_shape, w_dtype, strides, padding, dilation, groups, precisio
         g = lax.dot_general(xs, dy, (((0, 1, 2), (0, 1, 2)), ((), ())), precision=precision)
         return g.reshape(w_shape).astype(w_dtype)
 
-    if (not _multi_device() and jax.default_backend() == "cpu"
+    if (_one_cpu_device()
             and cpu_kernels.wgrad_supported(x.shape, dy.shape, w_shape, x.dtype, strides,
                                             padding, dilation, groups)):
         return cpu_kernels.conv_wgrad(x, dy, w_shape, strides, padding).astype(w_dtype)
@@ -406,7 +412,7 @@ def _depthwise(x, w, strides, padding, dilation, precision):
     gradients). Gradients: on one CPU device, float32 without dilation or channel multiplier
     (MobileNetV2), both from one pass of the compiled `cpu_kernels.depthwise_bwd`; otherwise
     autodiff of the sum (fused loops and per-tap reductions)."""
-    if (not _multi_device() and jax.default_backend() == "cpu" and x.dtype == w.dtype
+    if (_one_cpu_device() and x.dtype == w.dtype
             and cpu_kernels.depthwise_supported(x.shape, w.shape, x.dtype, dilation)):
         return _depthwise_kernel_bwd(x, w, strides, padding)
     return _depthwise_sum(x, w, strides, padding, dilation)

@@ -178,7 +178,7 @@ def _bn_act_fwd(x, scale, bias, slope, activation, eps, dtype, stats_dtype):
 def _bn_act_bwd(activation, eps, dtype, stats_dtype, res, cts):
     x, mean, var_raw, scale, bias, slope = res
     dy, dmean, dvar = cts
-    if (not fast_conv._multi_device() and jax.default_backend() == "cpu"
+    if (fast_conv._one_cpu_device()
             and cpu_kernels.bn_act_supported(x.dtype, jnp.dtype(dtype), jnp.dtype(stats_dtype),
                                              activation)):
         # the same closed form in two passes over (x, dy) (kernels/bn_act_bwd.cc); one device:

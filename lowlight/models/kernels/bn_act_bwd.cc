@@ -29,7 +29,8 @@ namespace {
 
 enum Activation : int64_t { kNone = 0, kRelu = 1, kRelu6 = 2, kPrelu = 3 };
 
-// act'(h) * dy for one vector or one float (T = vf or float), as autodiff of the models'
+// act'(h) * dy for one vector or one float (T = vf or float: the comparisons give masks or
+// bools, and ?: selects lanes or values), as autodiff of the models'
 // activations gives it: jnp.clip's derivative is 1/2 where h equals a bound, relu's is 0 at 0.
 template <class T>
 inline T act_grad(T h, T dy, T slope, int64_t act) {
@@ -43,20 +44,6 @@ inline T act_grad(T h, T dy, T slope, int64_t act) {
     }
     case kPrelu:
       return h < zero ? slope * dy : dy;
-    default:
-      return dy;
-  }
-}
-
-// Scalar versions of the vector conditionals above.
-inline float act_grad(float h, float dy, float slope, int64_t act) {
-  switch (act) {
-    case kRelu:
-      return h > 0.0f ? dy : 0.0f;
-    case kRelu6:
-      return dy * ((h > 0.0f && h < 6.0f) ? 1.0f : ((h == 0.0f || h == 6.0f) ? 0.5f : 0.0f));
-    case kPrelu:
-      return h < 0.0f ? slope * dy : dy;
     default:
       return dy;
   }
@@ -99,7 +86,7 @@ void sums_rows(const float* x, const float* dy, int64_t r0, int64_t r1, int64_t 
     for (int64_t r = r0; r < r1; ++r) {
       const float xc = x[r * c + c0] - p.mean[c0], d = dy[r * c + c0];
       const float h = xc * p.mul[c0] + p.bias[c0];
-      const float g = act_grad(h, d, p.slope[c0], act);
+      const float g = act_grad<float>(h, d, p.slope[c0], act);
       a_db += g;
       a_ds += g * (xc * p.rstd[c0]);
       if (act == kPrelu && h < 0.0f) a_dsl += d * h;
@@ -127,7 +114,7 @@ void dx_rows(const float* x, const float* dy, float* dx, int64_t r0, int64_t r1,
   for (; c0 < c; ++c0)
     for (int64_t r = r0; r < r1; ++r) {
       const float xc = x[r * c + c0] - p.mean[c0];
-      const float g = act_grad(xc * p.mul[c0] + p.bias[c0], dy[r * c + c0], p.slope[c0], act);
+      const float g = act_grad<float>(xc * p.mul[c0] + p.bias[c0], dy[r * c + c0], p.slope[c0], act);
       dx[r * c + c0] = p.mul[c0] * g + (xc * p.rstd[c0]) * b[c0] + cc[c0];
     }
 }

@@ -64,9 +64,7 @@ inline void tile(const Geometry& g, const float* x, const float* dy, int64_t r0,
     for (int v = 0; v < NV; ++v) a[j][v] = vf{};
   // Output columns whose input column ix = ox*sw + kx - pl lies in [0, w).
   const int64_t off = kx - g.pl;
-  int64_t lo = off >= 0 ? 0 : (-off + g.sw - 1) / g.sw;
-  int64_t hi = (g.w - 1 - off) >= 0 ? (g.w - 1 - off) / g.sw + 1 : 0;
-  hi = std::min(hi, g.ow);
+  const auto [lo, hi] = lowlight::columns_inside(off, g.sw, g.w, g.ow);
   const int64_t xstep = g.sw * g.ci;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = r / g.oh, oy = r % g.oh;

@@ -39,8 +39,7 @@ inline void tap_row(const Geometry& g, const float* x, const float* dy, const fl
                     float* dx, float* dw, int64_t b, int64_t oy, int64_t iy, int64_t ky,
                     int64_t kx, int64_t c0) {
   const int64_t off = kx - g.pl;
-  const int64_t lo = off >= 0 ? 0 : (-off + g.sw - 1) / g.sw;
-  const int64_t hi = std::min(g.ow, (g.w - 1 - off) >= 0 ? (g.w - 1 - off) / g.sw + 1 : 0);
+  const auto [lo, hi] = lowlight::columns_inside(off, g.sw, g.w, g.ow);
   if (lo >= hi) return;
   const int64_t t = (ky * g.kw + kx) * g.c + c0;
   vf wv[NV], acc[NV];
@@ -69,8 +68,7 @@ inline void tap_row_scalar(const Geometry& g, const float* x, const float* dy, c
                            float* dx, float* dw, int64_t b, int64_t oy, int64_t iy, int64_t ky,
                            int64_t kx, int64_t c0) {
   const int64_t off = kx - g.pl;
-  const int64_t lo = off >= 0 ? 0 : (-off + g.sw - 1) / g.sw;
-  const int64_t hi = std::min(g.ow, (g.w - 1 - off) >= 0 ? (g.w - 1 - off) / g.sw + 1 : 0);
+  const auto [lo, hi] = lowlight::columns_inside(off, g.sw, g.w, g.ow);
   const int64_t t = (ky * g.kw + kx) * g.c;
   for (int64_t ox = lo; ox < hi; ++ox) {
     const int64_t ix = ox * g.sw + off;

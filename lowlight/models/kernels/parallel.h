@@ -1,4 +1,5 @@
-// Shared by the lowlight CPU kernels: vector types and a parallel loop on XLA's thread pool.
+// Shared by the lowlight CPU kernels: vector types, the clipped column range of a tap and a
+// parallel loop on XLA's thread pool.
 #ifndef LOWLIGHT_KERNELS_PARALLEL_H_
 #define LOWLIGHT_KERNELS_PARALLEL_H_
 
@@ -26,6 +27,17 @@ typedef float vf __attribute__((vector_size(kVW * 4), aligned(4)));
 
 inline vf load(const float* p) { return *reinterpret_cast<const vf*>(p); }
 inline void store(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
+
+// The output columns [lo, hi) of a row (ow wide, stride sw) whose input column
+// ox * sw + off lies inside [0, w): a tap at offset off reads only these, so nothing is padded.
+struct Columns {
+  int64_t lo, hi;
+};
+inline Columns columns_inside(int64_t off, int64_t sw, int64_t w, int64_t ow) {
+  const int64_t lo = off >= 0 ? 0 : (-off + sw - 1) / sw;
+  const int64_t hi = (w - 1 - off) >= 0 ? (w - 1 - off) / sw + 1 : 0;
+  return {lo, std::min(hi, ow)};
+}
 
 // Runs fn(i) for i in [0, items): the calling thread and up to max_workers - 1 helpers
 // scheduled on XLA's intra-op pool (max_workers <= 0: the pool's size) claim items one at a
