@@ -109,6 +109,25 @@ def test_many_chunks_and_threads_give_bitwise_equal_results(monkeypatch):
     assert stats["caller_items"] + stats["helper_items"] == 3 * 8
 
 
+def test_wide_layer_with_large_operands_splits_by_output_channels():
+    """Operands beyond L3 (here 16.8 MB) used to run as one work item when the partial sums
+    of a row slot were too large to repeat (a 512 -> 512 layer: one thread). They now split
+    by output channels as far as the arithmetic per operand byte pays for re-reading them:
+    8 items, equal to XLA and bitwise the same on one thread."""
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.normal(size=(4, 32, 32, 512)), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(4, 32, 32, 512)), jnp.float32)
+    pads, w_shape = ((1, 1), (1, 1)), (3, 3, 512, 512)
+    CK.wgrad_stats()
+    got = [np.asarray(jax.jit(lambda x, dy, n=n: CK.conv_wgrad(x, dy, w_shape, (1, 1), pads, n))(
+        x, dy)) for n in (0, 1)]
+    stats = CK.wgrad_stats()
+    assert stats["calls"] == 2
+    assert stats["caller_items"] + stats["helper_items"] == 2 * 8
+    assert _rel(got[0], _xla_wgrad(x, dy, w_shape, (1, 1), pads)) < 1e-5
+    np.testing.assert_array_equal(got[0], got[1])
+
+
 def test_per_example_gradients_under_vmap():
     ci = CK.vector_width()
     rng = np.random.default_rng(2)
@@ -354,6 +373,11 @@ def test_fast_conv_forward_uses_the_kernel_where_it_measured_faster(monkeypatch)
     assert uses((1, 16, 16, 64), (3, 3, 64, 64), 2)  # strided
     assert uses((1, 56, 56, 64), (3, 3, 64, 64), 1)  # Winograd layer, 3,136 output pixels
     assert not uses((1, 112, 112, 64), (3, 3, 64, 64), 1)  # 12,544 pixels: Winograd
+    # narrow layers whose Winograd tiles leave the L3 cache (205 MB): the kernel
+    assert uses((32, 56, 56, 64), (3, 3, 64, 64), 1)
+    assert not uses((32, 28, 28, 128), (3, 3, 128, 128), 1)  # 128 channels: Winograd
+    assert not uses((64, 56, 56, 128), (3, 3, 128, 128), 1)  # wide, 50k tiles: Winograd
+    assert uses((32, 112, 112, 64), (3, 3, 64, 64), 1)  # XLA's convolution otherwise
     assert not uses((1, 8, 8, 64), (1, 1, 64, 64), 1)  # 1x1: a matmul
     assert not uses((1, 8, 8, 64), (3, 3, 64, vw + 3), 2)  # channels not whole vectors
     rng = np.random.default_rng(8)
@@ -362,6 +386,28 @@ def test_fast_conv_forward_uses_the_kernel_where_it_measured_faster(monkeypatch)
     for stride in (1, 2):
         got = FC.conv(x, w, strides=stride, impl="fast")
         assert _rel(got, FC.conv(x, w, strides=stride, impl="xla")) < 1e-5
+
+
+def test_stride1_input_gradient_runs_the_forward_kernel(monkeypatch):
+    """The stride-1 input gradient is a convolution of dy with the flipped, transposed kernel
+    and takes the forward's path: the compiled kernel where the forward would (here forced
+    for a small layer), equal to XLA's gradient; its padding mirrors the forward's (VALID and
+    asymmetric SAME included)."""
+    monkeypatch.setattr(FC, "_multi_device", lambda: False)  # conftest fakes 8 devices
+    monkeypatch.setattr(FC, "KERNEL_FWD_MIN_WINOGRAD_BYTES", 0)  # every narrow layer
+    c = 2 * CK.vector_width()
+    rng = np.random.default_rng(12)
+    for hw, k, pad in ((12, 3, "SAME"), (12, 3, "VALID"), (11, 2, "SAME")):
+        x = jnp.asarray(rng.normal(size=(3, hw, hw, c)), jnp.float32)
+        w = jnp.asarray(rng.normal(size=(k, k, c, c)) * 0.1, jnp.float32)
+
+        def loss(x, w, impl, pad=pad):
+            return jnp.sum(jnp.sin(FC.conv(x, w, padding=pad, impl=impl)))
+
+        dx = jax.grad(loss)
+        jaxpr = str(jax.make_jaxpr(lambda x, w, dx=dx: dx(x, w, "fast"))(x, w))
+        assert jaxpr.count(CK._FWD_TARGET) == 2, (hw, k, pad)  # forward and input gradient
+        assert _rel(dx(x, w, "fast"), dx(x, w, "xla")) < 1e-5, (hw, k, pad)
 
 
 def test_disabled_for_export(monkeypatch):

@@ -25,9 +25,11 @@ two gradients that automatic differentiation derives from it do not:
     with exactly the forward's FLOPs.
   * 1x1 convolutions (the ResNet shortcuts, MobileNetV2 expansions/projections) are plain
     matmuls in every direction (`dot_general`), strided ones on a strided slice.
-  * on one CPU device, float32 forward convolutions that would go to XLA's convolution
-    (strided 3x3) or to Winograd with a small output (batch-1 inference) call a compiled
-    direct convolution (`cpu_kernels.conv_forward`; `_use_kernel_forward`).
+  * on one CPU device, float32 convolutions that would go to XLA's convolution (strided 3x3,
+    stride-1 layers on large maps), to Winograd with a small output (batch-1 inference), or
+    to Winograd on a narrow layer whose transformed tiles exceed the L3 cache call a compiled
+    direct convolution (`cpu_kernels.conv_forward`; `_use_kernel_forward`), forward and for
+    the stride-1 input gradient.
   * stride-1 3x3 convolutions with >= 64 channels use Winograd F(2x2, 3x3), forward and for
     the input gradient: 16 matmuls on transformed 4x4 tiles, 2.25x fewer multiplications;
     measured up to 1.9x faster than XLA's convolution (1.5x on the 14x14x256 layers that hold
@@ -139,9 +141,11 @@ _WINO_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np
 _WINO_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
 
 
-#: Channels from which Winograd pays at any number of tiles (in batch chunks of
-#: WINO_CHUNK_TILES): 208 -> 208 on 112x112 maps 1.5-1.75x XLA's convolution, 64 -> 64 0.55x.
-WINO_WIDE = 192
+#: Channels (input and output) from which Winograd pays at any number of tiles (in batch
+#: chunks of WINO_CHUNK_TILES): 208 -> 208 on 112x112 maps 1.5-1.75x XLA's convolution, 64 -> 64
+#: 0.55x; the U-Net's 56x56 layers at batch 64 (50k tiles), 128 -> 128 and 256 -> 128, 1.1x and
+#: 1.34x the compiled direct convolution.
+WINO_WIDE = 128
 #: Tiles per Winograd batch chunk of a wide layer on one device: the 16 transformed planes of
 #: a chunk stay closer to cache. Relighting net (208 channels, 112x112) at batch 16: 6.8 img/s
 #: without Winograd, 11.3 in one pass, 12.1 in chunks of 8,192 tiles, 13.2 of 4,096 (one image).
@@ -244,32 +248,51 @@ def _is_pointwise(w, padding, groups) -> bool:
 #: 112x112x64 (462M) 0.88x, and the U-Net's twice-as-wide layers (462M) lost inside the model
 #: (batch-1 latency 42.6 vs 33.7 ms), where Winograd's 2.25x fewer multiplications pay.
 KERNEL_FWD_MAX_WINOGRAD_MACS = 150_000_000
+#: Bytes of Winograd's transformed tiles (16 planes of the input and of the output) beyond
+#: which a narrow layer (channels below WINO_WIDE) runs the compiled kernel instead: past the
+#: L3 cache the transforms are memory-bound. 56x56x64 at batch 32 (205 MB): 1.07x Winograd;
+#: 112x112x64 at batch 1 (26 MB) stays Winograd (the kernel 0.88x).
+KERNEL_FWD_MIN_WINOGRAD_BYTES = 32 << 20
 
 
-def _use_kernel_forward(x, w, strides, padding, dilation, groups, winograd: bool) -> bool:
+def _use_kernel_forward(x_shape, w_shape, strides, padding, dilation, groups,
+                        winograd: bool) -> bool:
     """The compiled forward (`cpu_kernels.conv_forward`): on one CPU device, float32, where the
-    alternative is XLA's convolution, or Winograd on a small output (batch-1 inference)."""
+    alternative is XLA's convolution, Winograd on a small output (batch-1 inference), or
+    Winograd on a narrow layer whose transformed tiles would not stay in cache."""
     if winograd:
-        b, h, wd, _ = x.shape
-        ho = (h + sum(padding[0]) - w.shape[0]) // strides[0] + 1
-        wo = (wd + sum(padding[1]) - w.shape[1]) // strides[1] + 1
-        if b * ho * wo * int(np.prod(w.shape)) > KERNEL_FWD_MAX_WINOGRAD_MACS:
+        b, h, wd, _ = x_shape
+        ho = (h + sum(padding[0]) - w_shape[0]) // strides[0] + 1
+        wo = (wd + sum(padding[1]) - w_shape[1]) // strides[1] + 1
+        _, _, th, tw = _tile_grid(x_shape, padding)
+        plane_bytes = 16 * b * th * tw * (w_shape[2] + w_shape[3]) * 4
+        small = b * ho * wo * int(np.prod(w_shape)) <= KERNEL_FWD_MAX_WINOGRAD_MACS
+        narrow_large = not _is_wide(w_shape) and plane_bytes > KERNEL_FWD_MIN_WINOGRAD_BYTES
+        if not (small or narrow_large):
             return False
     return (_one_cpu_device()
-            and cpu_kernels.forward_supported(x.shape, w.shape, x.dtype, w.dtype, dilation,
-                                              groups, padding))
+            and cpu_kernels.forward_supported(x_shape, w_shape, jnp.float32, jnp.float32,
+                                              dilation, groups, padding))
+
+
+def _dense(x, w, strides, padding, dilation, groups, precision):
+    """A dense (not pointwise) convolution by the fastest path measured for its shape:
+    the compiled kernel, Winograd or XLA's convolution."""
+    winograd = _use_winograd(x.shape, w.shape, strides, dilation, groups, padding)
+    if (x.dtype == jnp.float32 and w.dtype == jnp.float32
+            and _use_kernel_forward(x.shape, w.shape, strides, padding, dilation, groups,
+                                    winograd)):
+        return cpu_kernels.conv_forward(x, w, strides, padding)
+    if winograd:
+        return _winograd(x, w, padding, precision)
+    return _xla_conv(x, w, strides, padding, dilation, groups, precision)
 
 
 def _forward(x, w, strides, padding, dilation, groups, precision):
     if _is_pointwise(w, padding, groups):
         xs = x[:, :: strides[0], :: strides[1], :]
         return lax.dot_general(xs, w[0, 0], (((3,), (0,)), ((), ())), precision=precision)
-    winograd = _use_winograd(x.shape, w.shape, strides, dilation, groups, padding)
-    if _use_kernel_forward(x, w, strides, padding, dilation, groups, winograd):
-        return cpu_kernels.conv_forward(x, w, strides, padding).astype(x.dtype)
-    if winograd:
-        return _winograd(x, w, padding, precision)
-    return _xla_conv(x, w, strides, padding, dilation, groups, precision)
+    return _dense(x, w, strides, padding, dilation, groups, precision)
 
 
 def _transposed_kernel(w, groups):
@@ -331,12 +354,14 @@ def _dgrad(dy, w, x_shape, strides, padding, dilation, groups, precision):
         return lax.pad(g, jnp.zeros((), g.dtype), cfg)
     if strides == (1, 1):
         back_pad = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(w.shape[:2], padding))
-        if dilation == (1, 1) and groups == 1 and _use_winograd(dy.shape, w.shape, strides,
-                                                               dilation, groups, back_pad):
+        if dilation == (1, 1) and groups == 1 and min(p for pair in back_pad for p in pair) >= 0:
             # The stride-1 input gradient is the convolution of dy with the flipped, in/out
-            # transposed kernel: the same Winograd path as the forward.
+            # transposed kernel: the same choice of paths as the forward.
             wt = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
-            return _winograd(dy, wt, back_pad, precision)
+            if (_use_winograd(dy.shape, wt.shape, strides, dilation, groups, back_pad)
+                    or _use_kernel_forward(dy.shape, wt.shape, strides, back_pad, dilation,
+                                           groups, False)):
+                return _dense(dy, wt, strides, back_pad, dilation, groups, precision)
         # Otherwise XLA's own transposed convolution: no inserted zeros at stride 1, fast.
         _, vjp = jax.vjp(lambda x: _xla_conv(x, w, strides, padding, dilation, groups,
                                              precision), jnp.zeros(x_shape, dy.dtype))

@@ -149,11 +149,33 @@ struct Job {
 
 // Items to aim for: enough for two threads to balance when one starts late.
 constexpr int64_t kItems = 8;
-// Operands (x and dy) up to this size are read once per channel group from L3; larger ones
-// are split by rows only, so that each is streamed from memory once.
+// Operands (x and dy) up to this size are read once per channel group from L3.
 constexpr int64_t kGroupOperandBytes = 16 << 20;
+// Larger operands are streamed from memory once per channel group, so they get as many
+// groups as their arithmetic pays for: at least this many multiply-adds per operand byte and
+// group (a pass from memory costs about what ~10 per byte of compute does at this machine's
+// rates). Wide layers (14x14x512 -> 512: 576 per byte) split into all kItems groups; narrow,
+// large maps (112x112x64 -> 64: 72 per byte) stay one group, split by rows into slots.
+constexpr int64_t kMacsPerOperandBytePerGroup = 64;
 // Memory for the row slots' partial sums.
 constexpr int64_t kSlotBytes = 16 << 20;
+
+// Channel groups for a layer: up to kItems and the number of register tiles; for large
+// operands a power of two, so that groups x slots splits evenly over two threads.
+int64_t channel_groups(const Geometry& g, int64_t tiles) {
+  const int64_t rows = g.n * g.oh;
+  const int64_t operand_bytes = 4 * (g.n * g.h * g.w * g.ci + rows * g.ow * g.co);
+  int64_t want = kItems;
+  if (operand_bytes > kGroupOperandBytes) {
+    const double macs = static_cast<double>(rows * g.ow) * g.m() * g.co;
+    want = static_cast<int64_t>(macs / (static_cast<double>(operand_bytes) *
+                                        kMacsPerOperandBytePerGroup));
+    int64_t pow2 = 1;
+    while (pow2 * 2 <= want) pow2 *= 2;
+    want = pow2;
+  }
+  return std::max<int64_t>(1, std::min(want, std::min(tiles, kItems)));
+}
 
 ffi::Error ConvWgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                          ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
@@ -189,8 +211,7 @@ ffi::Error ConvWgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   job.rows_per_chunk = std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(row_bytes, 1));
   // The grid depends on the shapes only (see Job).
   const int64_t tiles = (g.co + kNR - 1) / kNR;
-  const int64_t operand_bytes = 4 * (g.n * g.h * g.w * g.ci + rows * g.ow * g.co);
-  int64_t groups = operand_bytes <= kGroupOperandBytes ? std::min(tiles, kItems) : 1;
+  const int64_t groups = channel_groups(g, tiles);
   const int64_t tiles_per_group = (tiles + groups - 1) / groups;
   job.channels_per_group = tiles_per_group * kNR;
   job.groups = (g.co + job.channels_per_group - 1) / job.channels_per_group;
@@ -200,20 +221,23 @@ ffi::Error ConvWgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   job.acc.reset(new float[static_cast<size_t>(job.slots * g.co * m)]);
   lowlight::parallel_for(pool, job.items(), max_workers, [jp](int64_t i) { jp->item(i); },
                          &g_caller_chunks, &g_helper_chunks);
-  // dw[m][c] = sum over slots, in order, of acc[s][c][m].
+  // dw[m][c] = sum over slots, in order, of acc[s][c][m]: blocks of kB rows of dw, each
+  // element summed in slot order whichever thread takes the block.
   const float* acc = job.acc.get();
-  const int64_t slot_size = g.co * m;
+  const int64_t slot_size = g.co * m, n_slots = job.slots, co = g.co;
   constexpr int64_t kB = 32;  // transpose in blocks that stay in L1
-  for (int64_t m0 = 0; m0 < m; m0 += kB)
-    for (int64_t c0 = 0; c0 < g.co; c0 += kB) {
-      const int64_t m1 = std::min(m0 + kB, m), c1 = std::min(c0 + kB, g.co);
+  lowlight::parallel_for(pool, (m + kB - 1) / kB, max_workers, [=](int64_t b) {
+    const int64_t m0 = b * kB, m1 = std::min(m0 + kB, m);
+    for (int64_t c0 = 0; c0 < co; c0 += kB) {
+      const int64_t c1 = std::min(c0 + kB, co);
       for (int64_t i = m0; i < m1; ++i)
         for (int64_t c = c0; c < c1; ++c) {
           float sum = acc[c * m + i];
-          for (int64_t s = 1; s < job.slots; ++s) sum += acc[s * slot_size + c * m + i];
-          out[i * g.co + c] = sum;
+          for (int64_t s = 1; s < n_slots; ++s) sum += acc[s * slot_size + c * m + i];
+          out[i * co + c] = sum;
         }
     }
+  });
   g_calls.fetch_add(1, std::memory_order_relaxed);
   g_ns.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(
                      std::chrono::steady_clock::now() - t0).count(),
