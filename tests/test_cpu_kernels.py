@@ -410,6 +410,32 @@ def test_stride1_input_gradient_runs_the_forward_kernel(monkeypatch):
         assert _rel(dx(x, w, "fast"), dx(x, w, "xla")) < 1e-5, (hw, k, pad)
 
 
+@pytest.mark.parametrize("k", [2, 3])
+def test_tiled_up_convolution_gradients_run_the_kernels(monkeypatch, k):
+    """The U-Net's up-convolution (ConvTranspose, kernel == strides, VALID) on one device:
+    the input gradient is the compiled forward at stride k, the kernel gradient the compiled
+    kernel gradient with dy and x in each other's roles; both equal flax's nn.ConvTranspose
+    (XLA's transposed convolution differentiated), and so does the output."""
+    import flax.linen as nn
+
+    monkeypatch.setattr(FC, "_multi_device", lambda: False)  # conftest fakes 8 devices
+    vw = CK.vector_width()
+    x = jnp.asarray(np.random.default_rng(13).normal(size=(3, 6, 5, 2 * vw)), jnp.float32)
+    fast = FC.ConvTranspose(vw, (k, k), strides=k, padding="VALID")
+    ref = nn.ConvTranspose(vw, (k, k), strides=k, padding="VALID")
+    v = ref.init(jax.random.key(1), x)
+
+    def loss(v, x, m):
+        return jnp.sum(jnp.sin(m.apply(v, x)))
+
+    jaxpr = str(jax.make_jaxpr(lambda v, x: jax.grad(loss, (0, 1))(v, x, fast))(v, x))
+    assert jaxpr.count(CK._FWD_TARGET) == 1 and jaxpr.count(CK._TARGET) == 1
+    assert _rel(fast.apply(v, x), ref.apply(v, x)) < 1e-5
+    got, want = jax.grad(loss, (0, 1))(v, x, fast), jax.grad(loss, (0, 1))(v, x, ref)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert a.shape == b.shape and _rel(a, b) < 1e-5
+
+
 def test_disabled_for_export(monkeypatch):
     """`jax.export` artifacts must not call this process's custom calls: inside
     `cpu_kernels.disabled()` (as lowlight.export traces) the JAX paths run, forward and
