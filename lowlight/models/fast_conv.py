@@ -257,9 +257,10 @@ KERNEL_FWD_MIN_WINOGRAD_BYTES = 32 << 20
 
 def _use_kernel_forward(x_shape, w_shape, strides, padding, dilation, groups,
                         winograd: bool) -> bool:
-    """The compiled forward (`cpu_kernels.conv_forward`): on one CPU device, float32, where the
-    alternative is XLA's convolution, Winograd on a small output (batch-1 inference), or
-    Winograd on a narrow layer whose transformed tiles would not stay in cache."""
+    """Whether the compiled forward (`cpu_kernels.conv_forward`) should run this shape: on one
+    CPU device, where the alternative is XLA's convolution, Winograd on a small output (batch-1
+    inference), or Winograd on a narrow layer whose transformed tiles would not stay in cache.
+    Callers check that the operands are float32 (`_dense`)."""
     if winograd:
         b, h, wd, _ = x_shape
         ho = (h + sum(padding[0]) - w_shape[0]) // strides[0] + 1
