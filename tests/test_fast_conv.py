@@ -211,7 +211,8 @@ def test_models_keep_their_parameter_tree(impl):
     from lowlight import models
     from lowlight.models import layers as L
 
-    for name, kw in (("iresnet50", {}), ("mobilenetv2", {"attention": "se"})):
+    for name, kw in (("iresnet50", {}), ("mobilenetv2", {"attention": "se"}), ("unet", {}),
+                     ("unet", {"upsample": "bilinear"})):
         ref = L.param_shapes(models.create(name, conv_impl="xla", **kw))
         got = L.param_shapes(models.create(name, conv_impl=impl, **kw))
         assert jax.tree.map(lambda a: (a.shape, a.dtype), got) == jax.tree.map(
@@ -273,6 +274,8 @@ def test_conv_transpose_matches_nn_conv_transpose(k, s, pad):
 
 @pytest.mark.parametrize("name,kw,one_device", [
     ("unet", {"width": 0.125}, False),
+    # one device: the compiled kernels, the up-convolutions' gradients through them included
+    ("unet", {"width": 0.25}, True),
     ("relight", {"width": 16}, False),
     ("iresnet18", {"embed_dim": 32, "widths": (16, 32, 64, 128)}, False),
     # one device: batch-chunked paths and the compiled kernel-gradient kernel (cpu_kernels)
@@ -318,8 +321,10 @@ def test_whole_models_match_xla_outputs_and_gradients(name, kw, one_device, monk
     got, want = (jax.flatten_util.ravel_pytree(jax.grad(lambda p, m=m: loss(m, p))(v["params"]))[0]
                  for m in (fast, ref))
     assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 10 * RTOL
-    if one_device:  # the 16 3x3 convolutions of the blocks (not the 3-channel stem)
-        assert cpu_kernels.wgrad_stats()["calls"] == 16
+    if one_device:
+        # iResNet-18: the 16 3x3 convolutions of the blocks (not the 3-channel stem); U-Net:
+        # 13 3x3 convolutions (not the 3-channel first one) and the 3 up-convolutions
+        assert cpu_kernels.wgrad_stats()["calls"] == {"iresnet18": 16, "unet": 16}[name]
 
 
 def test_symbolic_batch_exports_through_xla_convolution():
