@@ -110,13 +110,13 @@ def test_many_chunks_and_threads_give_bitwise_equal_results(monkeypatch):
 
 
 def test_wide_layer_with_large_operands_splits_by_output_channels():
-    """Operands beyond L3 (here 16.8 MB) used to run as one work item when the partial sums
+    """Operands beyond L3 (here 21 MB) used to run as one work item when the partial sums
     of a row slot were too large to repeat (a 512 -> 512 layer: one thread). They now split
     by output channels as far as the arithmetic per operand byte pays for re-reading them:
     8 items, equal to XLA and bitwise the same on one thread."""
     rng = np.random.default_rng(11)
-    x = jnp.asarray(rng.normal(size=(4, 32, 32, 512)), jnp.float32)
-    dy = jnp.asarray(rng.normal(size=(4, 32, 32, 512)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(5, 32, 32, 512)), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(5, 32, 32, 512)), jnp.float32)
     pads, w_shape = ((1, 1), (1, 1)), (3, 3, 512, 512)
     CK.wgrad_stats()
     got = [np.asarray(jax.jit(lambda x, dy, n=n: CK.conv_wgrad(x, dy, w_shape, (1, 1), pads, n))(
