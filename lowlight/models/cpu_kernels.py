@@ -53,12 +53,13 @@ import numpy as np
 
 _KERNELS = Path(__file__).with_name("kernels")
 _SOURCES = (_KERNELS / "conv_wgrad.cc", _KERNELS / "depthwise_bwd.cc", _KERNELS / "bn_act_bwd.cc",
-            _KERNELS / "conv_fwd.cc")
+            _KERNELS / "conv_fwd.cc", _KERNELS / "depthwise_fwd.cc")
 _HEADERS = (_KERNELS / "parallel.h",)
 _TARGET = "lowlight_conv_wgrad_f32"
 _DEPTHWISE_TARGET = "lowlight_depthwise_bwd_f32"
 _BN_TARGET = "lowlight_bn_act_bwd_f32"
 _FWD_TARGET = "lowlight_conv_fwd_f32"
+_DEPTHWISE_FWD_TARGET = "lowlight_depthwise_fwd_f32"
 _FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-fPIC", "-shared", "-fno-math-errno")
 
 _lock = threading.Lock()
@@ -133,6 +134,9 @@ def _load() -> None:
         jax.ffi.register_ffi_target(_BN_TARGET, jax.ffi.pycapsule(lib.LowlightBnActBwdF32),
                                     platform="cpu")
         jax.ffi.register_ffi_target(_FWD_TARGET, jax.ffi.pycapsule(lib.LowlightConvFwdF32),
+                                    platform="cpu")
+        jax.ffi.register_ffi_target(_DEPTHWISE_FWD_TARGET,
+                                    jax.ffi.pycapsule(lib.LowlightDepthwiseFwdF32),
                                     platform="cpu")
     except Exception as e:  # noqa: BLE001 — any failure means "use XLA's path", reported
         _state["reason"] = f"{type(e).__name__}: {e}"
@@ -251,6 +255,47 @@ def depthwise_bwd(x: jax.Array, w: jax.Array, dy: jax.Array, strides, padding,
         stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
         pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]),
         max_workers=np.int64(workers))
+
+
+#: Activation codes of the depthwise forward kernel (kernels/depthwise_fwd.cc).
+DEPTHWISE_ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 2}
+
+
+def depthwise_forward(x: jax.Array, w: jax.Array, strides, padding, *,
+                      pre: tuple | None = None, post: tuple | None = None,
+                      workers: int = 0) -> jax.Array:
+    """Forward of a depthwise NHWC convolution (kernel (KH, KW, 1, C), no dilation) with an
+    optional per-channel affine + activation on its input (`pre`) and on its output (`post`),
+    each `(mean, mul, bias, activation)`: act((v - mean) * mul + bias), the order of flax's
+    BatchNorm at inference, or `(None, None, None, activation)` for the activation alone. The
+    zero padding ((top, bottom), (left, right)) applies to the transformed input, as a model
+    that pads its activated tensor. float32; bitwise the same for any number of `workers`.
+    No gradient: callers differentiate a JAX formulation of the same function."""
+    _require()
+    kh, kw, _, c = w.shape
+    oh = (x.shape[1] + padding[0][0] + padding[0][1] - kh) // strides[0] + 1
+    ow = (x.shape[2] + padding[1][0] + padding[1][1] - kw) // strides[1] + 1
+    if min(padding[0] + padding[1]) < 0 or oh < 1 or ow < 1:
+        raise ValueError(f"depthwise_forward: padding {padding} with a {kh}x{kw} kernel on "
+                         f"{x.shape[1:3]} gives no output (or negative padding)")
+    ones = jnp.ones((c,), jnp.float32)
+    attrs, vecs = {}, []
+    for side, op in (("in", pre), ("out", post)):
+        mean, mul, bias, act = op if op is not None else (None, None, None, "none")
+        if act not in DEPTHWISE_ACTIVATION_CODES:
+            raise ValueError(f"depthwise_forward: {side}put activation {act!r}; valid: "
+                             f"{', '.join(DEPTHWISE_ACTIVATION_CODES)}")
+        affine = mean is not None
+        vecs += ([jnp.asarray(v, jnp.float32).reshape(c) for v in (mean, mul, bias)] if affine
+                 else [ones, ones, ones])
+        attrs[f"{side}_affine"] = np.int64(affine)
+        attrs[f"{side}_act"] = np.int64(DEPTHWISE_ACTIVATION_CODES[act])
+    out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, c), jnp.float32)
+    return jax.ffi.ffi_call(_DEPTHWISE_FWD_TARGET, out, vmap_method="sequential")(
+        x.astype(jnp.float32), w.astype(jnp.float32), jnp.stack(vecs).reshape(2, 3, c),
+        stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+        pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]),
+        max_workers=np.int64(workers), **attrs)
 
 
 #: `activation` codes of the BatchNorm backward kernel (kernels/bn_act_bwd.cc).

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 
 from lowlight.models import attention as A
 from lowlight.models import fast_conv
+from lowlight.models import fused_depthwise as FD
 from lowlight.models import layers as L
 
 #: Sandler et al. Table 2 / torchvision: (expansion t, output channels c, repeats n, stride s).
@@ -145,7 +146,15 @@ class ConvBNReLU6(nn.Module):
     bn_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, *, fused: bool = False,
+                 pre: FD.Terms | None = None):
+        """conv - BN - ReLU6 of x. `fused` (inference only, where `fused_depthwise.usable`;
+        `InvertedResidual` decides): a depthwise unit returns post(conv(pad(pre(x)))) from one
+        compiled pass, `pre` being the previous unit's deferred BN + ReLU6 (None: x is already
+        activated); a 1x1 unit returns (its conv output, its BN + ReLU6 as `FD.Terms`) for the
+        depthwise unit to apply. The same variables either way."""
+        if fused:
+            return self._fused(x, pre)
         x = fast_conv.conv_module(self.conv_impl)(
             self.features,
             (self.kernel, self.kernel),
@@ -159,6 +168,21 @@ class ConvBNReLU6(nn.Module):
         )(x)
         return L.batch_norm_act(x, train=train, activation="relu6", dtype=self.dtype,
                                 impl=self.bn_impl or self.conv_impl, name="bn")
+
+    def _fused(self, x: jax.Array, pre: FD.Terms | None):
+        post = FD.BatchNormTerms(L.TORCH_BN_EPS, activation="relu6", name="bn")
+        if self.groups == 1:
+            if self.kernel != 1 or pre is not None:
+                raise ValueError("a fused dense unit must be 1x1 and take an activated input")
+            z = fast_conv.conv_module(self.conv_impl)(
+                self.features, (1, 1), use_bias=False, dtype=self.dtype,
+                kernel_init=_CONV_INIT, name="conv")(x)
+            return z, post(self.features)
+        kernel = FD.ConvKernel(self.features, (self.kernel, self.kernel),
+                               feature_group_count=self.groups, kernel_init=_CONV_INIT,
+                               name="conv")(x.shape[-1])
+        return FD.depthwise_bn_act(x, kernel, strides=(self.stride, self.stride),
+                                   padding=_pad(self.kernel), pre=pre, post=post(self.features))
 
 
 class InvertedResidual(nn.Module):
@@ -183,9 +207,20 @@ class InvertedResidual(nn.Module):
         block = functools.partial(ConvBNReLU6, dtype=self.dtype, conv_impl=self.conv_impl,
                                   bn_impl=self.bn_impl)
         h = x
-        if self.expand_ratio != 1:
-            h = block(spec.hidden, kernel=1, name="expand")(h, train)
-        h = block(spec.hidden, stride=self.stride, groups=spec.hidden, name="depthwise")(h, train)
+        depthwise = block(spec.hidden, stride=self.stride, groups=spec.hidden, name="depthwise")
+        if (not train and not self.is_initializing() and x.dtype == jnp.float32
+                and FD.usable(self.conv_impl, (*x.shape[:-1], spec.hidden),
+                              (3, 3, 1, spec.hidden), self.dtype)):
+            # Inference on one CPU device: the expansion's BN + ReLU6, the padding, the
+            # depthwise conv and its BN + ReLU6 in one compiled pass (fused_depthwise).
+            pre = None
+            if self.expand_ratio != 1:
+                h, pre = block(spec.hidden, kernel=1, name="expand")(h, train, fused=True)
+            h = depthwise(h, train, fused=True, pre=pre)
+        else:
+            if self.expand_ratio != 1:
+                h = block(spec.hidden, kernel=1, name="expand")(h, train)
+            h = depthwise(h, train)
         h = fast_conv.conv_module(self.conv_impl)(
             self.out_channels,
             (1, 1),
