@@ -167,12 +167,24 @@ def _stats(times: list[float]) -> dict:
             "median_ms": 1e3 * float(np.median(t)), "runs": int(t.size)}
 
 
+#: Seconds of timed calls per side that `bench_model` aims for in the train-step and
+#: throughput comparisons (the best call of each side is reported).
+SECONDS_PER_SIDE = 6.0
+
+
 def bench_model(name: str, impl: str | None, args, clock: Clock, peak: float) -> dict:
     import _bench_models as BM
 
-    runs_train = 1 if args.quick else 3
     runs_lat = 30 if args.quick else 200
-    runs_tp = 1 if args.quick else 3
+
+    def runs_for(*calls) -> int:
+        """Interleaved rounds for a train step or a batch-64 call: at least 3, more for fast
+        models (about SECONDS_PER_SIDE per side, at most 30), since the best of 3 calls of
+        100-200 ms swung the MobileNetV2 ratios by 0.2 between runs; 1 with --quick."""
+        if args.quick:
+            return 1
+        slowest = max(min(clock.times(f, 1, warmup=0)) for f in calls)
+        return int(min(30, max(3, -(-SECONDS_PER_SIDE // slowest))))
     from lowlight.models import fast_conv
 
     shown = None if impl is None else (impl if impl != "auto" else
@@ -195,12 +207,13 @@ def bench_model(name: str, impl: str | None, args, clock: Clock, peak: float) ->
         jt, tt = [], []
         jx.train_step()  # warm-up (first call after compile)
         th.train_step()
-        for _ in range(runs_train):  # interleaved: both sides see the same load
+        # interleaved: both sides see the same load
+        for _ in range(runs_for(jx.train_step, th.train_step)):
             jt += clock.times(jx.train_step, 1, warmup=0)
             tt += clock.times(th.train_step, 1, warmup=0)
         row["train"] = {
             "batch": b,
-            "lowlight_img_s": b / min(jt), "torch_img_s": b / min(tt),
+            "lowlight_img_s": b / min(jt), "torch_img_s": b / min(tt), "runs": len(jt),
             "lowlight_counted_flops": jx.train_flops, "torch_counted_flops": th.train_flops,
             "_jt": jt, "_tt": tt,
         }
@@ -224,7 +237,7 @@ def bench_model(name: str, impl: str | None, args, clock: Clock, peak: float) ->
     jn()
     tn()
     jt, tt = [], []
-    for _ in range(runs_tp):
+    for _ in range(runs_for(jn, tn)):
         jt += clock.times(jn, 1, warmup=0)
         tt += clock.times(tn, 1, warmup=0)
     # One FLOP count for both sides (the same model), independent of how a side computes it
@@ -242,7 +255,7 @@ def bench_model(name: str, impl: str | None, args, clock: Clock, peak: float) ->
         row["train"]["torch_gflops_s"] = 3 * fwd_flops * b / min(row["train"]["_tt"]) / 1e9
         del row["train"]["_jt"], row["train"]["_tt"]
     row["throughput"] = {
-        "batch": n, "lowlight_img_s": n / min(jt), "torch_img_s": n / min(tt),
+        "batch": n, "lowlight_img_s": n / min(jt), "torch_img_s": n / min(tt), "runs": len(jt),
         "lowlight_gflops_s": fwd_flops * n / min(jt) / 1e9,
         "torch_gflops_s": fwd_flops * n / min(tt) / 1e9,
     }
