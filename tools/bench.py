@@ -127,7 +127,11 @@ class Clock:
         yield t
         t.seconds = self.now() - t0
 
-    def times(self, fn, runs: int, warmup: int = 1) -> list[float]:
+    def times(self, fn, runs: int, warmup: int = 1, settle: float = 0.0) -> list[float]:
+        """`runs` timed calls of fn, back to back, after `settle` seconds of sleep and
+        `warmup` untimed calls (see SETTLE_S)."""
+        if settle:
+            time.sleep(settle)
         for _ in range(warmup):
             fn()
         out = []
@@ -167,9 +171,19 @@ def _stats(times: list[float]) -> dict:
             "median_ms": 1e3 * float(np.median(t)), "runs": int(t.size)}
 
 
-#: Seconds of timed calls per side that `bench_model` aims for in the train-step and
-#: throughput comparisons (the best call of each side is reported).
+#: How the two sides of a comparison are timed. Each side runs in blocks of back-to-back
+#: calls, as a user's loop would, after SETTLE_S seconds of sleep and one untimed call; blocks
+#: of the two sides alternate so that both see the same load, and the best call of each side
+#: counts. Why blocks and a pause, not one call of each side in turn: both frameworks' worker
+#: threads spin-wait for a while after a call (PyTorch's OpenMP team under libgomp's default
+#: active wait policy, XLA's pool), so a call that follows the other side's shares the cores
+#: with them. Alternating single calls timed MobileNetV2-SE at batch 64 at 0.95-1.00x with
+#: PyTorch faster (66-69 ms) than when it ran alone back to back (91-110 ms), while lowlight's
+#: alone was 65 ms (docs/performance.md, "How the benchmark times the two sides").
+SETTLE_S = 0.25
+#: Seconds of timed calls per side aimed for (at least 3 calls, at most 30), in 3 blocks.
 SECONDS_PER_SIDE = 6.0
+BLOCKS = 3
 
 
 def bench_model(name: str, impl: str | None, args, clock: Clock, peak: float) -> dict:
@@ -177,14 +191,19 @@ def bench_model(name: str, impl: str | None, args, clock: Clock, peak: float) ->
 
     runs_lat = 30 if args.quick else 200
 
-    def runs_for(*calls) -> int:
-        """Interleaved rounds for a train step or a batch-64 call: at least 3, more for fast
-        models (about SECONDS_PER_SIDE per side, at most 30), since the best of 3 calls of
-        100-200 ms swung the MobileNetV2 ratios by 0.2 between runs; 1 with --quick."""
+    def alternate(fa, fb) -> tuple[list[float], list[float]]:
+        """Timed calls of fa and fb in alternating blocks (see SETTLE_S); 1 each with --quick."""
         if args.quick:
-            return 1
-        slowest = max(min(clock.times(f, 1, warmup=0)) for f in calls)
-        return int(min(30, max(3, -(-SECONDS_PER_SIDE // slowest))))
+            return clock.times(fa, 1, warmup=0), clock.times(fb, 1, warmup=0)
+        slowest = max(min(clock.times(f, 1, warmup=0)) for f in (fa, fb))
+        calls = int(min(30, max(3, -(-SECONDS_PER_SIDE // slowest))))
+        per_block = -(-calls // BLOCKS)
+        ta, tb = [], []
+        for _ in range(BLOCKS):
+            ta += clock.times(fa, per_block, warmup=1, settle=SETTLE_S)
+            tb += clock.times(fb, per_block, warmup=1, settle=SETTLE_S)
+        return ta, tb
+
     from lowlight.models import fast_conv
 
     shown = None if impl is None else (impl if impl != "auto" else
@@ -204,13 +223,9 @@ def bench_model(name: str, impl: str | None, args, clock: Clock, peak: float) ->
     b = args.train_batch
     if jx.train_step is not None:
         row["load"].append(_load())
-        jt, tt = [], []
         jx.train_step()  # warm-up (first call after compile)
         th.train_step()
-        # interleaved: both sides see the same load
-        for _ in range(runs_for(jx.train_step, th.train_step)):
-            jt += clock.times(jx.train_step, 1, warmup=0)
-            tt += clock.times(th.train_step, 1, warmup=0)
+        jt, tt = alternate(jx.train_step, th.train_step)
         row["train"] = {
             "batch": b,
             "lowlight_img_s": b / min(jt), "torch_img_s": b / min(tt), "runs": len(jt),
@@ -224,6 +239,7 @@ def bench_model(name: str, impl: str | None, args, clock: Clock, peak: float) ->
     row["load"].append(_load())
     j1, t1 = jx.infer(1), th.infer(1)
     lat_j = clock.times(j1, runs_lat, warmup=5)
+    time.sleep(SETTLE_S)
     lat_t = clock.times(t1, runs_lat, warmup=5)
     row["latency_b1"] = {"lowlight": _stats(lat_j), "torch": _stats(lat_t)}
     row["latency_b1"]["ratio_mean"] = (row["latency_b1"]["lowlight"]["mean_ms"]
@@ -236,10 +252,7 @@ def bench_model(name: str, impl: str | None, args, clock: Clock, peak: float) ->
     jn, tn = jx.infer(n), th.infer(n)
     jn()
     tn()
-    jt, tt = [], []
-    for _ in range(runs_for(jn, tn)):
-        jt += clock.times(jn, 1, warmup=0)
-        tt += clock.times(tn, 1, warmup=0)
+    jt, tt = alternate(jn, tn)
     # One FLOP count for both sides (the same model), independent of how a side computes it
     # (Winograd needs fewer multiplications than the convolution it replaces): 2 per MAC of
     # every convolution and matmul of the forward pass, counted by torch.utils.flop_counter on
