@@ -8,6 +8,8 @@ loop), strides 1-3, asymmetric padding, batch 1 (split into row bands) and many 
 threads (bitwise equal to one thread).
 """
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,7 +67,7 @@ CASES = [
 @pytest.mark.parametrize("ops", ["none", "pre+post", "post only", "affine, relu"])
 def test_kernel_matches_numpy(case, ops):
     b, h, w, c, k, s, pads = case
-    rng = np.random.default_rng(hash((case[:4], ops)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((case[:4], ops)).encode()))  # per case, fixed
     x = jnp.asarray(rng.normal(size=(b, h, w, c)) * 3, jnp.float32)
     kern = jnp.asarray(rng.normal(size=(k, k, 1, c)), jnp.float32)
     pre, post = {"none": (None, None),
