@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lowlight.models import cpu_kernels, fast_conv
+from lowlight.models import layers as L
 
 #: (mean, mul, bias, activation): act((v - mean) * mul + bias); mean, mul, bias (C,) float32.
 Terms = tuple[jax.Array, jax.Array, jax.Array, str]
@@ -57,13 +58,11 @@ class BatchNormTerms(nn.Module):
 
     @nn.compact
     def __call__(self, channels: int) -> Terms:
-        shape = (channels,)
-        mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), shape)
-        var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), shape)
+        mean, var, scale, bias = L.bn_variables(self, channels, self.use_scale,
+                                                self.param_dtype)
         mul = lax.rsqrt(var.value + self.epsilon)
-        if self.use_scale:
-            mul = mul * self.param("scale", nn.initializers.ones, shape, self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype)
+        if scale is not None:
+            mul = mul * scale
         f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
         return f32(mean.value), f32(mul), f32(bias), self.activation
 
@@ -90,12 +89,7 @@ def _apply(v: jax.Array, terms: Terms | None) -> jax.Array:
     if terms is None:
         return v
     mean, mul, bias, act = terms
-    v = (v - mean) * mul + bias
-    if act == "relu6":
-        return jnp.clip(v, 0.0, 6.0)
-    if act == "relu":
-        return jnp.maximum(v, 0.0)
-    return v
+    return L._activate((v - mean) * mul + bias, act, None)
 
 
 def reference(x, kernel, strides, padding, pre: Terms | None, post: Terms | None):

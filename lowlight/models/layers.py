@@ -268,6 +268,19 @@ def bn_act(
     return _bn_act(x, scale, bias, negative_slope, activation, float(eps), out_dtype, stats_dtype)
 
 
+def bn_variables(module: nn.Module, channels: int, use_scale: bool, param_dtype: Any):
+    """A BatchNorm's variables, created in `module` (inside its compact method) with
+    `nn.BatchNorm`'s names and initialisers: (running mean, running var) as flax variables in
+    `batch_stats`, then the params `scale` (None unless `use_scale`) and `bias`."""
+    shape = (channels,)
+    ra_mean = module.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), shape)
+    ra_var = module.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), shape)
+    scale = (module.param("scale", nn.initializers.ones, shape, param_dtype) if use_scale
+             else None)
+    bias = module.param("bias", nn.initializers.zeros, shape, param_dtype)
+    return ra_mean, ra_var, scale, bias
+
+
 class BatchNormAct(nn.Module):
     """`nn.BatchNorm` (last axis) + activation with the fused VJP of `bn_act` in train mode.
 
@@ -295,12 +308,8 @@ class BatchNormAct(nn.Module):
             raise ValueError(f"activation {self.activation!r}; valid: {', '.join(BN_ACTIVATIONS)}")
         if (self.activation == "prelu") != (negative_slope is not None):
             raise ValueError("negative_slope is required with activation 'prelu' and only then")
-        shape = (x.shape[-1],)
-        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), shape)
-        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), shape)
-        scale = (self.param("scale", nn.initializers.ones, shape, self.param_dtype)
-                 if self.use_scale else None)
-        bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype)
+        ra_mean, ra_var, scale, bias = bn_variables(self, x.shape[-1], self.use_scale,
+                                                    self.param_dtype)
         if self.use_running_average:
             dtype = nn.dtypes.canonicalize_dtype(
                 *(a for a in (x, scale, bias) if a is not None), dtype=self.dtype)

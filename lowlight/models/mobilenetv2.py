@@ -153,8 +153,16 @@ class ConvBNReLU6(nn.Module):
         compiled pass, `pre` being the previous unit's deferred BN + ReLU6 (None: x is already
         activated); a 1x1 unit returns (its conv output, its BN + ReLU6 as `FD.Terms`) for the
         depthwise unit to apply. The same variables either way."""
-        if fused:
-            return self._fused(x, pre)
+        if fused and self.groups > 1:
+            kernel = FD.ConvKernel(self.features, (self.kernel, self.kernel),
+                                   feature_group_count=self.groups, kernel_init=_CONV_INIT,
+                                   name="conv")(x.shape[-1])
+            return FD.depthwise_bn_act(x, kernel, strides=(self.stride, self.stride),
+                                       padding=_pad(self.kernel), pre=pre,
+                                       post=self._bn_terms())
+        if pre is not None or (fused and self.kernel != 1):
+            raise ValueError("only a fused depthwise unit takes `pre`; a fused dense unit "
+                             "must be 1x1")
         x = fast_conv.conv_module(self.conv_impl)(
             self.features,
             (self.kernel, self.kernel),
@@ -166,23 +174,13 @@ class ConvBNReLU6(nn.Module):
             kernel_init=_CONV_INIT,
             name="conv",
         )(x)
+        if fused:
+            return x, self._bn_terms()
         return L.batch_norm_act(x, train=train, activation="relu6", dtype=self.dtype,
                                 impl=self.bn_impl or self.conv_impl, name="bn")
 
-    def _fused(self, x: jax.Array, pre: FD.Terms | None):
-        post = FD.BatchNormTerms(L.TORCH_BN_EPS, activation="relu6", name="bn")
-        if self.groups == 1:
-            if self.kernel != 1 or pre is not None:
-                raise ValueError("a fused dense unit must be 1x1 and take an activated input")
-            z = fast_conv.conv_module(self.conv_impl)(
-                self.features, (1, 1), use_bias=False, dtype=self.dtype,
-                kernel_init=_CONV_INIT, name="conv")(x)
-            return z, post(self.features)
-        kernel = FD.ConvKernel(self.features, (self.kernel, self.kernel),
-                               feature_group_count=self.groups, kernel_init=_CONV_INIT,
-                               name="conv")(x.shape[-1])
-        return FD.depthwise_bn_act(x, kernel, strides=(self.stride, self.stride),
-                                   padding=_pad(self.kernel), pre=pre, post=post(self.features))
+    def _bn_terms(self) -> FD.Terms:
+        return FD.BatchNormTerms(L.TORCH_BN_EPS, activation="relu6", name="bn")(self.features)
 
 
 class InvertedResidual(nn.Module):
