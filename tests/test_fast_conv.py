@@ -131,6 +131,75 @@ def test_winograd_is_used_where_measured_faster():
     assert not use((32, 14, 14, 3), (3, 3, 3, 64), one, one, 1, pad)  # too few channels
 
 
+def _numpy_wgrad(x, dy, pad):
+    """d <conv(x, w), dy> / d w of a stride-1 3x3 convolution, float64 direct sum."""
+    (pt, pb), (pl, pr) = pad
+    xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    ho, wo = dy.shape[1:3]
+    return np.stack([np.stack([np.einsum("bhwc,bhwo->co", xp[:, i : i + ho, j : j + wo], dy)
+                               for j in range(3)]) for i in range(3)])
+
+
+@pytest.mark.parametrize("b,h,w,c,o,pad", [
+    (2, 8, 8, 8, 16, ((1, 1), (1, 1))),  # even map: whole tiles
+    (3, 7, 9, 16, 8, ((1, 1), (1, 1))),  # odd sizes: the last tiles half outside the output
+    (1, 9, 8, 8, 8, ((2, 0), (0, 1))),  # uneven padding
+    (2, 6, 6, 8, 8, ((0, 0), (0, 0))),  # VALID
+])
+def test_winograd_kernel_gradient_matches_numpy(b, h, w, c, o, pad):
+    """The kernel gradient through the F(2x2, 3x3) transforms (`_winograd_wgrad`) equals the
+    float64 direct sum over the taps."""
+    rng = np.random.default_rng(b * 100 + h)
+    x = rng.normal(size=(b, h, w, c))
+    ho, wo = h + sum(pad[0]) - 2, w + sum(pad[1]) - 2
+    dy = rng.normal(size=(b, ho, wo, o))
+    got = FC._winograd_wgrad(jnp.asarray(x, jnp.float32), jnp.asarray(dy, jnp.float32), pad,
+                             None)
+    assert got.shape == (3, 3, c, o) and got.dtype == jnp.float32
+    assert _rel(got, _numpy_wgrad(x, dy, pad)) < 1e-5
+
+
+def test_winograd_kernel_gradient_path(monkeypatch):
+    """On one device, layers whose forward is Winograd and that are wide enough
+    (WINO_WGRAD_MIN_CHANNELS) take their kernel gradient in the Winograd domain: 16 more
+    matmuls in the backward pass and no kernel-gradient convolution; the gradients equal
+    XLA's. Narrower layers and several devices keep the other paths."""
+    from lowlight.models import cpu_kernels
+
+    monkeypatch.setattr(FC, "_multi_device", lambda: False)  # conftest fakes 8 devices
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.normal(size=(2, 10, 10, 64)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 64, 64)) * 0.05, jnp.float32)
+    assert FC.WINO_WGRAD_MIN_CHANNELS == 256
+    assert FC._use_winograd_wgrad((32, 14, 14, 256), (3, 3, 256, 256), (1, 1), (1, 1), 1,
+                                  ((1, 1), (1, 1)))
+    assert not FC._use_winograd_wgrad((32, 28, 28, 128), (3, 3, 128, 128), (1, 1), (1, 1), 1,
+                                      ((1, 1), (1, 1)))
+
+    def grad_ops(**patch):
+        for k, val in patch.items():
+            monkeypatch.setattr(FC, k, val)
+        f = lambda w: jnp.sum(jnp.sin(FC.conv(x, w, padding=((1, 1), (1, 1)))))  # noqa: E731
+        return str(jax.make_jaxpr(jax.grad(f))(w)), jax.grad(f)(w)
+
+    f_ref = lambda w: jnp.sum(jnp.sin(FC.conv(x, w, padding=((1, 1), (1, 1)), impl="xla")))
+    want = jax.grad(f_ref)(w)
+    wide, g_wide = grad_ops(WINO_WGRAD_MIN_CHANNELS=64)
+    narrow, g_narrow = grad_ops(WINO_WGRAD_MIN_CHANNELS=65)
+    # the kernel gradient: 16 matmuls more (the forward and the input gradient are the same
+    # in both: the compiled kernel where it is available, else Winograd)
+    assert wide.count("dot_general") - narrow.count("dot_general") == 16
+    assert "conv_general_dilated" not in wide
+    if cpu_kernels.usable():
+        assert "lowlight_conv_wgrad" in narrow and "lowlight_conv_wgrad" not in wide
+    for g in (g_wide, g_narrow):
+        assert _rel(g, want) < RTOL
+    monkeypatch.setattr(FC, "_multi_device", lambda: True)
+    several, _ = grad_ops(WINO_WGRAD_MIN_CHANNELS=64)
+    # forward and input gradient by Winograd (16 matmuls each), the kernel gradient by XLA
+    assert several.count("dot_general") == 32 and "conv_general_dilated" in several
+
+
 def test_strided_few_channel_convolution_is_one_matmul():
     """RGB stems at stride 2 run as im2col + one dot_general (XLA's convolution was 3.4x
     slower); stride 1, 7x7 kernels and more channels keep the other paths."""

@@ -202,12 +202,19 @@ def _combine(mat_r, mat_q, terms):
     return rows
 
 
-def _winograd_tiles(x, padding):
-    """Input tiles transformed, B^T d B: 4x4 nested list of (b, th, tw, c); and (ho, wo)."""
+def _winograd_tiles(x, padding, channels_first: bool = False):
+    """Input tiles transformed, B^T d B: 4x4 nested list of (b, th, tw, c), or of
+    (c, b, th, tw) with `channels_first`; and (ho, wo)."""
     (pt, pb), (pl, pr) = padding
     ho, wo, th, tw = _tile_grid(x.shape, padding)
-    xp = jnp.pad(x, ((0, 0), (pt, pb + 2 * th - ho), (pl, pr + 2 * tw - wo), (0, 0)))
-    d = [[xp[:, i : i + 2 * th : 2, j : j + 2 * tw : 2] for j in range(4)] for i in range(4)]
+    pads = ((pt, pb + 2 * th - ho), (pl, pr + 2 * tw - wo))
+    if channels_first:
+        xp = jnp.pad(x.transpose(3, 0, 1, 2), ((0, 0), (0, 0), *pads))
+        d = [[xp[:, :, i : i + 2 * th : 2, j : j + 2 * tw : 2] for j in range(4)]
+             for i in range(4)]
+    else:
+        xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+        d = [[xp[:, i : i + 2 * th : 2, j : j + 2 * tw : 2] for j in range(4)] for i in range(4)]
     return _combine(_WINO_BT, _WINO_BT, d), (ho, wo)
 
 
@@ -238,6 +245,45 @@ def _winograd_whole(x, w, padding, precision):
     y = _combine(_WINO_AT, _WINO_AT, m)  # A^T M A: 2x2 outputs per tile, each (b, th, tw, o)
     y = jnp.stack([jnp.stack(row, axis=3) for row in y], axis=2)  # (b, th, 2, tw, 2, o)
     return y.reshape(b, 2 * th, 2 * tw, o)[:, :ho, :wo].astype(x.dtype)
+
+
+#: Channels (the fewer of in and out) from which the kernel gradient of a Winograd layer is
+#: computed in the Winograd domain too (`_winograd_wgrad`): 2.25x fewer multiplications than
+#: the direct sum, but the transformed planes of x and dy cost memory traffic in proportion to
+#: 1/in + 1/out channels. Against the compiled direct kernel gradient at batch 32 (docs/
+#: performance.md): 14x14 256 -> 256 1.4x, 7x7 512 -> 512 1.7x, 14x14 128 -> 256 1.25x,
+#: 7x7 256 -> 512 1.5x faster; 28x28 128 -> 128 0.9x (slower: kept on the kernel).
+WINO_WGRAD_MIN_CHANNELS = 256
+
+
+def _use_winograd_wgrad(x_shape, w_shape, strides, dilation, groups, padding) -> bool:
+    """On one device (where the batch is whole; a sharded batch keeps the per-device paths
+    that were measured), for layers whose forward is Winograd and wide enough (above)."""
+    return (_use_winograd(x_shape, w_shape, strides, dilation, groups, padding)
+            and min(w_shape[2], w_shape[3]) >= WINO_WGRAD_MIN_CHANNELS
+            and not _multi_device())
+
+
+def _winograd_wgrad(x, dy, padding, precision):
+    """Kernel gradient of a stride-1 3x3 convolution through the F(2x2, 3x3) transforms.
+
+    With Y = A^T [U * V] A per tile (U = G g G^T, V = B^T d B), the gradient of U at tile
+    position xi is sum over tiles of V[xi]^T dM[xi], where dM = A dY A^T lifts each 2x2 tile of
+    dy to 4x4; then dg = G^T dU G. That is 16 matmuls contracting over the tiles, 2.25x fewer
+    multiplications than the direct kernel gradient. The input planes are built channels-
+    first, (c, tiles), in the transform's own loop: XLA:CPU's matmul does not contract a
+    leading axis in place, and with (tiles, c) planes it inserted a transpose per plane that
+    cost more than the matmuls."""
+    v, (ho, wo) = _winograd_tiles(x, padding, channels_first=True)  # each (c, b, th, tw)
+    th, tw = v[0][0].shape[2], v[0][0].shape[3]
+    dyp = jnp.pad(dy, ((0, 0), (0, 2 * th - ho), (0, 2 * tw - wo), (0, 0)))
+    d = [[dyp[:, i::2, j::2] for j in range(2)] for i in range(2)]  # each (b, th, tw, o)
+    dm = _combine(_WINO_AT.T, _WINO_AT.T, d)  # A dY A^T: 4x4 of (b, th, tw, o)
+    du = [[lax.dot_general(v[a][q], dm[a][q], (((1, 2, 3), (0, 1, 2)), ((), ())),
+                           precision=precision, preferred_element_type=jnp.float32)
+           for q in range(4)] for a in range(4)]
+    dg = _combine(_WINO_G.T, _WINO_G.T, du)  # G^T dU G: 3x3 of (c, o)
+    return jnp.stack([jnp.stack(row) for row in dg])
 
 
 def _is_pointwise(w, padding, groups) -> bool:
@@ -444,6 +490,9 @@ def _wgrad(x, dy, w_shape, w_dtype, strides, padding, dilation, groups, precisio
         xs = x[:, :: strides[0], :: strides[1], :]
         g = lax.dot_general(xs, dy, (((0, 1, 2), (0, 1, 2)), ((), ())), precision=precision)
         return g.reshape(w_shape).astype(w_dtype)
+
+    if _use_winograd_wgrad(x.shape, w_shape, strides, dilation, groups, padding):
+        return _winograd_wgrad(x, dy, padding, precision).astype(w_dtype)
 
     if (_one_cpu_device()
             and cpu_kernels.wgrad_supported(x.shape, dy.shape, w_shape, x.dtype, strides,
