@@ -194,6 +194,12 @@ def test_winograd_kernel_gradient_path(monkeypatch):
         assert "lowlight_conv_wgrad" in narrow and "lowlight_conv_wgrad" not in wide
     for g in (g_wide, g_narrow):
         assert _rel(g, want) < RTOL
+    # bfloat16 operands keep XLA's kernel gradient
+    monkeypatch.setattr(FC, "WINO_WGRAD_MIN_CHANNELS", 64)
+    fb = lambda w: jnp.sum(FC.conv(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),  # noqa: E731
+                                   padding=((1, 1), (1, 1))).astype(jnp.float32))
+    bf16 = str(jax.make_jaxpr(jax.grad(fb))(w))
+    assert "conv_general_dilated" in bf16
     monkeypatch.setattr(FC, "_multi_device", lambda: True)
     several, _ = grad_ops(WINO_WGRAD_MIN_CHANNELS=64)
     # forward and input gradient by Winograd (16 matmuls each), the kernel gradient by XLA

@@ -260,7 +260,9 @@ WINO_WGRAD_MIN_CHANNELS = 256
 
 def _use_winograd_wgrad(x_shape, w_shape, strides, dilation, groups, padding) -> bool:
     """On one device (where the batch is whole; a sharded batch keeps the per-device paths
-    that were measured), for layers whose forward is Winograd and wide enough (above)."""
+    that were measured), for layers whose forward is Winograd and wide enough (above).
+    Callers check that the operands are float32: bfloat16 keeps XLA's kernel gradient, where
+    the transforms' sums would be rounded to 8 bits before the matmuls."""
     return (_use_winograd(x_shape, w_shape, strides, dilation, groups, padding)
             and min(w_shape[2], w_shape[3]) >= WINO_WGRAD_MIN_CHANNELS
             and not _multi_device())
@@ -493,7 +495,8 @@ def _wgrad(x, dy, w_shape, w_dtype, strides, padding, dilation, groups, precisio
         g = lax.dot_general(xs, dy, (((0, 1, 2), (0, 1, 2)), ((), ())), precision=precision)
         return g.reshape(w_shape).astype(w_dtype)
 
-    if _use_winograd_wgrad(x.shape, w_shape, strides, dilation, groups, padding):
+    if (x.dtype == dy.dtype == jnp.float32
+            and _use_winograd_wgrad(x.shape, w_shape, strides, dilation, groups, padding)):
         return _winograd_wgrad(x, dy, padding, precision).astype(w_dtype)
 
     if (_one_cpu_device()
