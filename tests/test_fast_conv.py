@@ -159,6 +159,19 @@ def test_winograd_kernel_gradient_matches_numpy(b, h, w, c, o, pad):
     assert _rel(got, _numpy_wgrad(x, dy, pad)) < 1e-5
 
 
+def test_winograd_kernel_gradient_in_batch_chunks(monkeypatch):
+    """Beyond WINO_WGRAD_CHUNK_TILES tiles the gradient is summed over chunks of whole
+    images (2, 2, 1 here): 3 x 16 matmuls, the same value as the direct sum."""
+    monkeypatch.setattr(FC, "WINO_WGRAD_CHUNK_TILES", 2 * 16)  # 8x8 maps: 16 tiles an image
+    rng = np.random.default_rng(3)
+    x, dy = rng.normal(size=(5, 8, 8, 8)), rng.normal(size=(5, 8, 8, 16))
+    pad = ((1, 1), (1, 1))
+    f = lambda x, dy: FC._winograd_wgrad(x, dy, pad, None)  # noqa: E731
+    args = (jnp.asarray(x, jnp.float32), jnp.asarray(dy, jnp.float32))
+    assert jax.jit(f).lower(*args).as_text().count("dot_general") == 3 * 16
+    assert _rel(f(*args), _numpy_wgrad(x, dy, pad)) < 1e-5
+
+
 def test_winograd_kernel_gradient_path(monkeypatch):
     """On one device, layers whose forward is Winograd and that are wide enough
     (WINO_WGRAD_MIN_CHANNELS) take their kernel gradient in the Winograd domain: 16 more

@@ -256,6 +256,11 @@ def _winograd_whole(x, w, padding, precision):
 #: performance.md): 14x14 256 -> 256 1.4x, 7x7 512 -> 512 1.7x, 14x14 128 -> 256 1.25x,
 #: 7x7 256 -> 512 1.5x faster; 28x28 128 -> 128 0.9x (slower: kept on the kernel).
 WINO_WGRAD_MIN_CHANNELS = 256
+#: Tiles beyond which the Winograd-domain kernel gradient is summed over chunks of whole
+#: images: bounds its transformed planes (16 x tiles x (in + out) floats, 268 MB at 256 -> 256
+#: channels) for large batches or maps. The measured layers (iResNets at batch 32: 512-1,568
+#: tiles; the U-Net's: up to 6,272) run in one pass.
+WINO_WGRAD_CHUNK_TILES = 8192
 
 
 def _use_winograd_wgrad(x_shape, w_shape, strides, dilation, groups, padding) -> bool:
@@ -277,7 +282,20 @@ def _winograd_wgrad(x, dy, padding, precision):
     multiplications than the direct kernel gradient. The input planes are built channels-
     first, (c, tiles), in the transform's own loop: XLA:CPU's matmul does not contract a
     leading axis in place, and with (tiles, c) planes it inserted a transpose per plane that
-    cost more than the matmuls."""
+    cost more than the matmuls. Batches of more than WINO_WGRAD_CHUNK_TILES tiles are summed
+    over chunks of whole images (a static loop: XLA:CPU runs matmuls in loop bodies without
+    its library kernels)."""
+    _, _, th, tw = _tile_grid(x.shape, padding)
+    n = max(1, WINO_WGRAD_CHUNK_TILES // (th * tw))  # whole images per chunk
+    total = None
+    for start in range(0, x.shape[0], n):
+        part = _winograd_wgrad_whole(x[start : start + n], dy[start : start + n], padding,
+                                     precision)
+        total = part if total is None else total + part
+    return total
+
+
+def _winograd_wgrad_whole(x, dy, padding, precision):
     v, (ho, wo) = _winograd_tiles(x, padding, channels_first=True)  # each (c, b, th, tw)
     th, tw = v[0][0].shape[2], v[0][0].shape[3]
     dyp = jnp.pad(dy, ((0, 0), (0, 2 * th - ho), (0, 2 * tw - wo), (0, 0)))
