@@ -204,7 +204,7 @@ def _floats(monkeypatch, ds, i: int) -> list[np.ndarray]:
     monkeypatch.setattr(_render, "_quantise", spy)
     planes.append(ds[i]["skin_mask"])
     monkeypatch.setattr(_render, "_quantise", quantise)
-    assert len(planes) == 7  # image and canonical channels, skin mask
+    assert len(planes) == 3  # image and canonical (3 channels each), skin mask
     return planes
 
 
