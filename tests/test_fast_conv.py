@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from lowlight.models import fast_conv as FC
+from lowlight.models import winograd as WG
 
 RTOL = 1e-4  # fp32: the implementations sum the same products in different orders
 
@@ -116,7 +117,7 @@ def test_strided_input_gradient_matches_numpy(h, stride, pad):
 
 
 def test_winograd_is_used_where_measured_faster():
-    use = FC._use_winograd
+    use = WG.use_winograd
     one, pad = (1, 1), ((1, 1), (1, 1))
     assert use((32, 14, 14, 256), (3, 3, 256, 256), one, one, 1, pad)
     assert use((1, 28, 28, 128), (3, 3, 128, 128), one, one, 1, pad)
@@ -147,7 +148,7 @@ def _numpy_wgrad(x, dy, pad):
     (2, 6, 6, 8, 8, ((0, 0), (0, 0))),  # VALID
 ])
 def test_winograd_kernel_gradient_matches_numpy(b, h, w, c, o, pad):
-    """The kernel gradient through the F(2x2, 3x3) transforms (`_winograd_wgrad`) equals the
+    """The kernel gradient through the F(2x2, 3x3) transforms (`winograd.wgrad`) equals the
     float64 direct sum over the taps."""
     rng = np.random.default_rng(b * 100 + h)
     x = rng.normal(size=(b, h, w, c))
@@ -162,7 +163,7 @@ def test_winograd_kernel_gradient_matches_numpy(b, h, w, c, o, pad):
 def test_winograd_kernel_gradient_in_batch_chunks(monkeypatch):
     """Beyond WINO_WGRAD_CHUNK_TILES tiles the gradient is summed over chunks of whole
     images (2, 2, 1 here): 3 x 16 matmuls, the same value as the direct sum."""
-    monkeypatch.setattr(FC, "WINO_WGRAD_CHUNK_TILES", 2 * 16)  # 8x8 maps: 16 tiles an image
+    monkeypatch.setattr(WG, "WINO_WGRAD_CHUNK_TILES", 2 * 16)  # 8x8 maps: 16 tiles an image
     rng = np.random.default_rng(3)
     x, dy = rng.normal(size=(5, 8, 8, 8)), rng.normal(size=(5, 8, 8, 16))
     pad = ((1, 1), (1, 1))
@@ -183,7 +184,7 @@ def test_winograd_kernel_gradient_path(monkeypatch):
     rng = np.random.default_rng(11)
     x = jnp.asarray(rng.normal(size=(2, 10, 10, 64)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(3, 3, 64, 64)) * 0.05, jnp.float32)
-    assert FC.WINO_WGRAD_MIN_CHANNELS == 256
+    assert WG.WINO_WGRAD_MIN_CHANNELS == 256
     assert FC._use_winograd_wgrad((32, 14, 14, 256), (3, 3, 256, 256), (1, 1), (1, 1), 1,
                                   ((1, 1), (1, 1)))
     assert not FC._use_winograd_wgrad((32, 28, 28, 128), (3, 3, 128, 128), (1, 1), (1, 1), 1,
@@ -191,7 +192,7 @@ def test_winograd_kernel_gradient_path(monkeypatch):
 
     def grad_ops(**patch):
         for k, val in patch.items():
-            monkeypatch.setattr(FC, k, val)
+            monkeypatch.setattr(WG, k, val)
         f = lambda w: jnp.sum(jnp.sin(FC.conv(x, w, padding=((1, 1), (1, 1)))))  # noqa: E731
         return str(jax.make_jaxpr(jax.grad(f))(w)), jax.grad(f)(w)
 
@@ -208,7 +209,7 @@ def test_winograd_kernel_gradient_path(monkeypatch):
     for g in (g_wide, g_narrow):
         assert _rel(g, want) < RTOL
     # bfloat16 operands keep XLA's kernel gradient
-    monkeypatch.setattr(FC, "WINO_WGRAD_MIN_CHANNELS", 64)
+    monkeypatch.setattr(WG, "WINO_WGRAD_MIN_CHANNELS", 64)
     fb = lambda w: jnp.sum(FC.conv(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),  # noqa: E731
                                    padding=((1, 1), (1, 1))).astype(jnp.float32))
     bf16 = str(jax.make_jaxpr(jax.grad(fb))(w))
@@ -253,17 +254,17 @@ def test_chunked_kernel_gradient(monkeypatch):
 def test_winograd_in_batch_chunks(monkeypatch):
     """Large batches run Winograd in chunks of whole images on one device: outputs and both
     gradients equal XLA's convolution, a last chunk smaller than the others included."""
-    monkeypatch.setattr(FC, "WINO_CHUNK_TILES", 2 * 16)  # 8x8 maps: 16 tiles, 2 images a chunk
-    monkeypatch.setattr(FC, "WINO_WIDE", 64)  # chunks are for wide layers
+    monkeypatch.setattr(WG, "WINO_CHUNK_TILES", 2 * 16)  # 8x8 maps: 16 tiles, 2 images a chunk
+    monkeypatch.setattr(WG, "WINO_WIDE", 64)  # chunks are for wide layers
     monkeypatch.setattr(FC, "_multi_device", lambda: False)  # conftest fakes 8 devices
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.normal(size=(5, 8, 8, 64)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(3, 3, 64, 64)) * 0.05, jnp.float32)
-    assert FC._use_winograd(x.shape, w.shape, (1, 1), (1, 1), 1, ((1, 1), (1, 1)))
-    hlo = jax.jit(lambda x: FC._winograd(x, w, ((1, 1), (1, 1)), None)).lower(x).as_text()
+    assert WG.use_winograd(x.shape, w.shape, (1, 1), (1, 1), 1, ((1, 1), (1, 1)))
+    hlo = jax.jit(lambda x: WG.forward(x, w, ((1, 1), (1, 1)), None)).lower(x).as_text()
     assert hlo.count("dot_general") == 3 * 16  # chunks of 2, 2, 1 images, 16 matmuls each
-    monkeypatch.setattr(FC, "WINO_WIDE", 128)  # a narrower layer: one pass
-    hlo = jax.jit(lambda x: FC._winograd(x, w, ((1, 1), (1, 1)), None)).lower(x).as_text()
+    monkeypatch.setattr(WG, "WINO_WIDE", 128)  # a narrower layer: one pass
+    hlo = jax.jit(lambda x: WG.forward(x, w, ((1, 1), (1, 1)), None)).lower(x).as_text()
     assert hlo.count("dot_general") == 16
     f_ref = lambda x, w: jnp.sum(jnp.sin(FC.conv(x, w, impl="xla")))  # noqa: E731
     f = lambda x, w: jnp.sum(jnp.sin(FC.conv(x, w, impl="fast")))  # noqa: E731

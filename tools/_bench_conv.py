@@ -84,6 +84,7 @@ def main():
 
     from lowlight.models import cpu_kernels as CK
     from lowlight.models import fast_conv as FC
+    from lowlight.models import winograd as WG
 
     now = time.process_time if args.clock == "cpu" else time.perf_counter
     dn = ("NHWC", "HWIO", "NHWC")
@@ -166,14 +167,14 @@ def main():
         # Kernel gradient of F(2x2, 3x3): y = A^T [U * V] A is linear in U = G g G^T, so
         # dU[a, b] = sum over tiles of V[a, b] (x) (A dy A^T)[a, b] (16 matmuls contracting over
         # the tiles), dg = G^T dU G. Correct, but measured slower than fast_conv's chunked wgrad.
-        v, (ho, wo) = FC._winograd_tiles(x, padding)
+        v, (ho, wo) = WG.input_tiles(x, padding)
         th, tw = v[0][0].shape[1], v[0][0].shape[2]
         dyp = jnp.pad(dy, ((0, 0), (0, 2 * th - ho), (0, 2 * tw - wo), (0, 0)))
-        dm = FC._combine(FC._WINO_AT.T, FC._WINO_AT.T,
+        dm = WG.combine(WG.AT.T, WG.AT.T,
                          [[dyp[:, r::2, q::2] for q in range(2)] for r in range(2)])
         du = [[lax.dot_general(v[a][q], dm[a][q], (((0, 1, 2), (0, 1, 2)), ((), ())))
                for q in range(4)] for a in range(4)]
-        dg = FC._combine(FC._WINO_G.T, FC._WINO_G.T, du)
+        dg = WG.combine(WG.G.T, WG.G.T, du)
         return jnp.stack([jnp.stack(row) for row in dg])
 
     def bf16_fwd(x, w, s, g):

@@ -36,8 +36,8 @@ two gradients that automatic differentiation derives from it do not:
     the input gradient: 16 matmuls on transformed 4x4 tiles, 2.25x fewer multiplications;
     measured up to 1.9x faster than XLA's convolution (1.5x on the 14x14x256 layers that hold
     half of an iResNet's FLOPs) and never more than 4% slower where it is used
-    (`_use_winograd`). On one device, layers with >= 256 channels also take their kernel
-    gradient in the Winograd domain (`_winograd_wgrad`): 1.25-1.7x the compiled direct kernel
+    (`winograd.use_winograd`). On one device, layers with >= 256 channels also take their kernel
+    gradient in the Winograd domain (`winograd.wgrad`): 1.25-1.7x the compiled direct kernel
     gradient, the iResNet-50 train step 1.08-1.11x faster.
   * transposed convolutions whose kernel tiles the output (the U-Net's 2x2 stride-2
     up-convolution) are one matmul and a pixel shuffle (`ConvTranspose`), not a convolution
@@ -74,7 +74,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lowlight.models import cpu_kernels
+from lowlight.models import cpu_kernels, winograd
 
 #: Values `conv_impl` may take in the models that thread it through. "auto" is "fast" when
 #: the default backend is the CPU (where it was measured faster) and "xla" elsewhere (GPU/TPU
@@ -138,174 +138,32 @@ def _xla_conv(x, w, strides, padding, dilation, groups, precision):
                                     precision=precision)
 
 
-# Winograd F(2x2, 3x3) transforms (Lavin & Gray, "Fast Algorithms for Convolutional Neural
-# Networks", CVPR 2016): Y = A^T [(G g G^T) * (B^T d B)] A on 4x4 input tiles, 2x2 outputs.
-_WINO_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
-_WINO_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
-_WINO_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
-
-
-#: Channels (input and output) from which Winograd pays at any number of tiles (in batch
-#: chunks of WINO_CHUNK_TILES): 208 -> 208 on 112x112 maps 1.5-1.75x XLA's convolution, 64 -> 64
-#: 0.55x; the U-Net's 56x56 layers at batch 64 (50k tiles), 128 -> 128 and 256 -> 128, 1.1x and
-#: 1.34x the compiled direct convolution.
-WINO_WIDE = 128
-#: Tiles per Winograd batch chunk of a wide layer on one device: the 16 transformed planes of
-#: a chunk stay closer to cache. Relighting net (208 channels, 112x112) at batch 16: 6.8 img/s
-#: without Winograd, 11.3 in one pass, 12.1 in chunks of 8,192 tiles, 13.2 of 4,096 (one image).
-#: Narrower layers run in one pass (iResNet-50: no gain from chunks, within +-3%).
-WINO_CHUNK_TILES = 4096
-
-
-def _tile_grid(x_shape, padding) -> tuple[int, int, int, int]:
-    """(ho, wo, th, tw): output size of a padded stride-1 3x3 convolution and its 2x2 tiles."""
-    ho = x_shape[1] + padding[0][0] + padding[0][1] - 2
-    wo = x_shape[2] + padding[1][0] + padding[1][1] - 2
-    return ho, wo, -(-ho // 2), -(-wo // 2)
-
-
-def _is_wide(w_shape) -> bool:
-    return min(w_shape[2], w_shape[3]) >= WINO_WIDE
-
-
-def _use_winograd(x_shape, w_shape, strides, dilation, groups, padding) -> bool:
-    """Where F(2x2, 3x3) measured faster than XLA:CPU's convolution on the benchmark machine
-    (Zen 5, 2 cores; docs/performance.md): 1.5-1.9x on 56x56x64 and 7x7x512, 1.5x on
-    14x14x256 at batch 32, 1.2-1.3x at batch 1; about equal (0.96-1.09x) elsewhere. On one
-    core the gain is larger at 14x14 and 28x28 (1.1-1.85x) and nil on 56x56 and larger maps
-    at batch 32. Not used below 16 tiles, nor above 32k tiles (112x112 maps beyond batch 10)
-    unless the layer is wide (WINO_WIDE): on narrower layers the transformed tiles (4x the
-    input) would only add memory traffic."""
-    if not (w_shape[:2] == (3, 3) and strides == (1, 1) and dilation == (1, 1) and groups == 1
-            and min(w_shape[2], w_shape[3]) >= 64
-            and all(p >= 0 for pair in padding for p in pair)):
-        return False
-    _, _, th, tw = _tile_grid(x_shape, padding)
-    tiles = x_shape[0] * th * tw
-    return tiles >= 16 and (tiles <= 32768 or _is_wide(w_shape))
-
-
-def _combine(mat_r, mat_q, terms):
-    """out[r][q] = sum_ij mat_r[r, i] * mat_q[q, j] * terms[i][j] for nested lists of arrays,
-    skipping zero coefficients (the Winograd transforms as fused elementwise sums)."""
-    rows = []
-    for r in range(mat_r.shape[0]):
-        cols = []
-        for q in range(mat_q.shape[0]):
-            acc = None
-            for i in range(mat_r.shape[1]):
-                for j in range(mat_q.shape[1]):
-                    coef = float(mat_r[r, i] * mat_q[q, j])
-                    if coef:
-                        t = terms[i][j] if coef == 1.0 else coef * terms[i][j]
-                        acc = t if acc is None else acc + t
-            cols.append(acc)
-        rows.append(cols)
-    return rows
-
-
-def _winograd_tiles(x, padding, channels_first: bool = False):
-    """Input tiles transformed, B^T d B: 4x4 nested list of (b, th, tw, c), or of
-    (c, b, th, tw) with `channels_first`; and (ho, wo)."""
-    (pt, pb), (pl, pr) = padding
-    ho, wo, th, tw = _tile_grid(x.shape, padding)
-    pads = ((pt, pb + 2 * th - ho), (pl, pr + 2 * tw - wo))
-    if channels_first:
-        xp = jnp.pad(x.transpose(3, 0, 1, 2), ((0, 0), (0, 0), *pads))
-        d = [[xp[:, :, i : i + 2 * th : 2, j : j + 2 * tw : 2] for j in range(4)]
-             for i in range(4)]
-    else:
-        xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-        d = [[xp[:, i : i + 2 * th : 2, j : j + 2 * tw : 2] for j in range(4)] for i in range(4)]
-    return _combine(_WINO_BT, _WINO_BT, d), (ho, wo)
-
-
-def _winograd(x, w, padding, precision):
-    """Stride-1 3x3 convolution by Winograd F(2x2, 3x3): 16 matmuls (tile positions x C ->
-    O) on transformed 4x4 tiles, 2.25x fewer multiplications than the direct form. Wide layers
-    with more than WINO_CHUNK_TILES tiles run in chunks of whole images (on one device: a
-    sharded batch is split already, and a chunk of consecutive images would sit on one
-    device)."""
-    b = x.shape[0]
-    _, _, th, tw = _tile_grid(x.shape, padding)
-    n = max(1, WINO_CHUNK_TILES // (th * tw))  # whole images per chunk
-    if b > n and _is_wide(w.shape) and not _multi_device():
-        # static python loop (unrolled): XLA:CPU runs matmuls in loop bodies without its
-        # library kernels
-        return jnp.concatenate([_winograd_whole(x[i : i + n], w, padding, precision)
-                                for i in range(0, b, n)])
-    return _winograd_whole(x, w, padding, precision)
-
-
-def _winograd_whole(x, w, padding, precision):
-    b, o = x.shape[0], w.shape[3]
-    v, (ho, wo) = _winograd_tiles(x, padding)  # B^T d B, each (b, th, tw, c)
-    th, tw = v[0][0].shape[1], v[0][0].shape[2]
-    u = _combine(_WINO_G, _WINO_G, [[w[i, j] for j in range(3)] for i in range(3)])  # G g G^T
-    m = [[lax.dot_general(v[a][q], u[a][q], (((3,), (0,)), ((), ())), precision=precision)
-          for q in range(4)] for a in range(4)]
-    y = _combine(_WINO_AT, _WINO_AT, m)  # A^T M A: 2x2 outputs per tile, each (b, th, tw, o)
-    y = jnp.stack([jnp.stack(row, axis=3) for row in y], axis=2)  # (b, th, 2, tw, 2, o)
-    return y.reshape(b, 2 * th, 2 * tw, o)[:, :ho, :wo].astype(x.dtype)
-
-
-#: Channels (the fewer of in and out) from which the kernel gradient of a Winograd layer is
-#: computed in the Winograd domain too (`_winograd_wgrad`): 2.25x fewer multiplications than
-#: the direct sum, but the transformed planes of x and dy cost memory traffic in proportion to
-#: 1/in + 1/out channels. Against the compiled direct kernel gradient at batch 32 (docs/
-#: performance.md): 14x14 256 -> 256 1.4x, 7x7 512 -> 512 1.7x, 14x14 128 -> 256 1.25x,
-#: 7x7 256 -> 512 1.5x faster; 28x28 128 -> 128 0.9x (slower: kept on the kernel).
-WINO_WGRAD_MIN_CHANNELS = 256
-#: Tiles beyond which the Winograd-domain kernel gradient is summed over chunks of whole
-#: images: bounds its transformed planes (16 x tiles x (in + out) floats, 268 MB at 256 -> 256
-#: channels) for large batches or maps. The measured layers (iResNets at batch 32: 512-1,568
-#: tiles; the U-Net's: up to 6,272) run in one pass.
-WINO_WGRAD_CHUNK_TILES = 8192
-
-
 def _use_winograd_wgrad(x_shape, w_shape, strides, dilation, groups, padding) -> bool:
-    """On one device (where the batch is whole; a sharded batch keeps the per-device paths
-    that were measured), for layers whose forward is Winograd and wide enough (above).
-    Callers check that the operands are float32: bfloat16 keeps XLA's kernel gradient, where
-    the transforms' sums would be rounded to 8 bits before the matmuls."""
-    return (_use_winograd(x_shape, w_shape, strides, dilation, groups, padding)
-            and min(w_shape[2], w_shape[3]) >= WINO_WGRAD_MIN_CHANNELS
-            and not _multi_device())
+    """The Winograd-domain kernel gradient (`winograd.wgrad`): on one device (where the batch
+    is whole; a sharded batch keeps the per-device paths that were measured), for layers whose
+    forward is Winograd and wide enough (`winograd.WINO_WGRAD_MIN_CHANNELS`). Callers check
+    that the operands are float32: bfloat16 keeps XLA's kernel gradient, where the transforms'
+    sums would be rounded to 8 bits before the matmuls."""
+    return (winograd.use_winograd(x_shape, w_shape, strides, dilation, groups, padding)
+            and winograd.wide_enough_for_wgrad(w_shape) and not _multi_device())
 
 
 def _winograd_wgrad(x, dy, padding, precision):
-    """Kernel gradient of a stride-1 3x3 convolution through the F(2x2, 3x3) transforms.
+    """`winograd.wgrad` summed over chunks of whole images (bounded transformed planes)."""
+    return _sum_over_image_chunks(
+        lambda xc, dyc: winograd.wgrad(xc, dyc, padding, precision), x, dy,
+        winograd.wgrad_chunk_images(x.shape, padding))
 
-    With Y = A^T [U * V] A per tile (U = G g G^T, V = B^T d B), the gradient of U at tile
-    position xi is sum over tiles of V[xi]^T dM[xi], where dM = A dY A^T lifts each 2x2 tile of
-    dy to 4x4; then dg = G^T dU G. That is 16 matmuls contracting over the tiles, 2.25x fewer
-    multiplications than the direct kernel gradient. The input planes are built channels-
-    first, (c, tiles), in the transform's own loop: XLA:CPU's matmul does not contract a
-    leading axis in place, and with (tiles, c) planes it inserted a transpose per plane that
-    cost more than the matmuls. Batches of more than WINO_WGRAD_CHUNK_TILES tiles are summed
-    over chunks of whole images (a static loop: XLA:CPU runs matmuls in loop bodies without
-    its library kernels)."""
-    _, _, th, tw = _tile_grid(x.shape, padding)
-    n = max(1, WINO_WGRAD_CHUNK_TILES // (th * tw))  # whole images per chunk
+
+def _sum_over_image_chunks(fn, x, dy, n: int):
+    """sum of fn(x[i:i+n], dy[i:i+n]) over chunks of n images (one call if n covers the batch).
+    A static python loop, not lax.scan/map: XLA:CPU runs a convolution or matmul inside a
+    loop body through its generic emitter, far slower than the library call used outside."""
     total = None
     for start in range(0, x.shape[0], n):
-        part = _winograd_wgrad_whole(x[start : start + n], dy[start : start + n], padding,
-                                     precision)
+        part = fn(x[start : start + n], dy[start : start + n])
         total = part if total is None else total + part
     return total
-
-
-def _winograd_wgrad_whole(x, dy, padding, precision):
-    v, (ho, wo) = _winograd_tiles(x, padding, channels_first=True)  # each (c, b, th, tw)
-    th, tw = v[0][0].shape[2], v[0][0].shape[3]
-    dyp = jnp.pad(dy, ((0, 0), (0, 2 * th - ho), (0, 2 * tw - wo), (0, 0)))
-    d = [[dyp[:, i::2, j::2] for j in range(2)] for i in range(2)]  # each (b, th, tw, o)
-    dm = _combine(_WINO_AT.T, _WINO_AT.T, d)  # A dY A^T: 4x4 of (b, th, tw, o)
-    du = [[lax.dot_general(v[a][q], dm[a][q], (((1, 2, 3), (0, 1, 2)), ((), ())),
-                           precision=precision, preferred_element_type=jnp.float32)
-           for q in range(4)] for a in range(4)]
-    dg = _combine(_WINO_G.T, _WINO_G.T, du)  # G^T dU G: 3x3 of (c, o)
-    return jnp.stack([jnp.stack(row) for row in dg])
 
 
 def _is_pointwise(w, padding, groups) -> bool:
@@ -319,26 +177,27 @@ def _is_pointwise(w, padding, groups) -> bool:
 #: (batch-1 latency 42.6 vs 33.7 ms), where Winograd's 2.25x fewer multiplications pay.
 KERNEL_FWD_MAX_WINOGRAD_MACS = 150_000_000
 #: Bytes of Winograd's transformed tiles (16 planes of the input and of the output) beyond
-#: which a narrow layer (channels below WINO_WIDE) runs the compiled kernel instead: past the
-#: L3 cache the transforms are memory-bound. 56x56x64 at batch 32 (205 MB): 1.07x Winograd;
+#: which a narrow layer (channels below winograd.WINO_WIDE) runs the compiled kernel instead:
+#: past the L3 cache the transforms are memory-bound. 56x56x64 at batch 32 (205 MB): 1.07x Winograd;
 #: 112x112x64 at batch 1 (26 MB) stays Winograd (the kernel 0.88x).
 KERNEL_FWD_MIN_WINOGRAD_BYTES = 32 << 20
 
 
 def _use_kernel_forward(x_shape, w_shape, strides, padding, dilation, groups,
-                        winograd: bool) -> bool:
+                        use_wino: bool) -> bool:
     """Whether the compiled forward (`cpu_kernels.conv_forward`) should run this shape: on one
     CPU device, where the alternative is XLA's convolution, Winograd on a small output (batch-1
     inference), or Winograd on a narrow layer whose transformed tiles would not stay in cache.
     Callers check that the operands are float32 (`_dense`)."""
-    if winograd:
+    if use_wino:
         b, h, wd, _ = x_shape
         ho = (h + sum(padding[0]) - w_shape[0]) // strides[0] + 1
         wo = (wd + sum(padding[1]) - w_shape[1]) // strides[1] + 1
-        _, _, th, tw = _tile_grid(x_shape, padding)
+        _, _, th, tw = winograd.tile_grid(x_shape, padding)
         plane_bytes = 16 * b * th * tw * (w_shape[2] + w_shape[3]) * 4
         small = b * ho * wo * int(np.prod(w_shape)) <= KERNEL_FWD_MAX_WINOGRAD_MACS
-        narrow_large = not _is_wide(w_shape) and plane_bytes > KERNEL_FWD_MIN_WINOGRAD_BYTES
+        narrow_large = (not winograd.is_wide(w_shape)
+                        and plane_bytes > KERNEL_FWD_MIN_WINOGRAD_BYTES)
         if not (small or narrow_large):
             return False
     return (_one_cpu_device()
@@ -385,13 +244,13 @@ def _dense(x, w, strides, padding, dilation, groups, precision):
     the compiled kernel, im2col, Winograd or XLA's convolution."""
     if _use_im2col(x.shape, w.shape, strides, dilation, groups):
         return _im2col(x, w, strides, padding, precision)
-    winograd = _use_winograd(x.shape, w.shape, strides, dilation, groups, padding)
+    use_wino = winograd.use_winograd(x.shape, w.shape, strides, dilation, groups, padding)
     if (x.dtype == jnp.float32 and w.dtype == jnp.float32
             and _use_kernel_forward(x.shape, w.shape, strides, padding, dilation, groups,
-                                    winograd)):
+                                    use_wino)):
         return cpu_kernels.conv_forward(x, w, strides, padding)
-    if winograd:
-        return _winograd(x, w, padding, precision)
+    if use_wino:
+        return winograd.forward(x, w, padding, precision, chunked=not _multi_device())
     return _xla_conv(x, w, strides, padding, dilation, groups, precision)
 
 
@@ -471,7 +330,7 @@ def _dgrad(dy, w, x_shape, strides, padding, dilation, groups, precision):
             # The stride-1 input gradient is the convolution of dy with the flipped, in/out
             # transposed kernel: the same choice of paths as the forward.
             wt = _flip_io(w)
-            if (_use_winograd(dy.shape, wt.shape, strides, dilation, groups, back_pad)
+            if (winograd.use_winograd(dy.shape, wt.shape, strides, dilation, groups, back_pad)
                     or _use_kernel_forward(dy.shape, wt.shape, strides, back_pad, dilation,
                                            groups, False)):
                 return _dense(dy, wt, strides, back_pad, dilation, groups, precision)
@@ -527,16 +386,7 @@ def _wgrad(x, dy, w_shape, w_dtype, strides, padding, dilation, groups, precisio
                                              precision), jnp.zeros(w_shape, w_dtype))
         return vjp(dyc)[0]
 
-    n = _wgrad_chunk(x.shape, x.dtype.itemsize)
-    if n == x.shape[0]:
-        return one(x, dy)
-    # Static python loop, not lax.scan/map: XLA:CPU runs a convolution inside a loop body
-    # through its generic emitter, ~100x slower than the library call used outside loops.
-    total = None
-    for start in range(0, x.shape[0], n):
-        part = one(x[start : start + n], dy[start : start + n])
-        total = part if total is None else total + part
-    return total
+    return _sum_over_image_chunks(one, x, dy, _wgrad_chunk(x.shape, x.dtype.itemsize))
 
 
 def _is_pointwise_shape(w_shape, padding, groups) -> bool:
