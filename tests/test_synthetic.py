@@ -476,3 +476,11 @@ def test_raw_pixels_separate_identities_poorly_and_worse_in_low_light():
     low = _raw_pixel_auc("low", seed=21)
     assert 0.55 < normal < 0.9, normal  # above chance, far below an oracle's 1.0
     assert low < normal - 0.01, (low, normal)
+
+
+def test_random_streams_are_numpys_default_rng_of_the_key():
+    """`_rng` seeds from a uint32 array when every key fits (faster); the stream must be
+    default_rng's of the same list of ints, for small and for > 32-bit keys alike."""
+    for key in [(0, 0, 0), (11, 2, 49, 3), (2**32 - 1, 1), (2**40 + 5, 2, 7)]:
+        want = np.random.default_rng([synthetic._SALT, *key]).random(5)
+        assert np.array_equal(synthetic._rng(*key).random(5), want), key

@@ -98,7 +98,12 @@ def _chunk_size(size: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def _rng(*key: int) -> np.random.Generator:
-    return np.random.default_rng([_SALT, *key])
+    key = (_SALT, *key)
+    # A uint32 array is the same entropy as the list of ints (each below 2**32 is one word)
+    # and seeds 2.5x faster; larger ints keep the list (SeedSequence splits them into words).
+    if 0 <= min(key) and max(key) < 1 << 32:
+        return np.random.Generator(np.random.PCG64(np.array(key, np.uint32)))
+    return np.random.default_rng(list(key))
 
 
 def _gauss(r: np.random.Generator, n: int) -> list[float]:
