@@ -53,7 +53,9 @@ _INF = _F(np.inf)
 
 def _atleast(x, lo):
     """max(x, lo) for float32 arrays: np.maximum against a scalar takes numpy's slow broadcast
-    loop (3x the clip ufunc's time); the values are the same (no NaNs reach it)."""
+    loop (3x the clip ufunc's time). Same values but for the sign of a zero (clip keeps -0.0,
+    maximum returns +0.0), which no output shows: every image, canonical and skin mask of the
+    renderer was unchanged bit for bit (70 digests over sizes, options and conditions)."""
     return _clip(x, lo, _INF)
 
 
